@@ -1,0 +1,122 @@
+"""The contract between an Agent process and a model-shard implementation (top-level ``agents/``).
+
+An Agent owns one rank. It builds a `ShardContext` (its place in the rank grid, its process
+groups, its device, the model files given to `startup_agents` for this rank), then constructs
+the shard class registered under the servable's ``shard`` name. For every batch the Distributed
+Worker dispatches, *every* rank calls `ModelShard.predict` in the same order:
+
+* ranks of stage 0 receive the instances (a list; one list of input values per instance);
+* ranks of later stages receive ``None`` and get what they need from upstream over torch.distributed;
+* the output rank (first TP rank of the last stage) returns one list of output values per
+  instance; every other rank returns ``None``.
+
+A shard must load only its own slice of the weights, must use the process groups it is given
+(never the default group for TP collectives), and must not change the order of collectives
+between ranks. A ``ValueError``/``ServingError`` raised for bad inputs is reported to the client;
+any other exception fails the batch and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from servable_framework.wire import Value
+
+InstanceValues = list[Value]
+
+
+@dataclass(frozen=True)
+class ShardContext:
+    """Where one Agent sits. ``rank`` is global; ``tp_rank`` is its index inside its stage."""
+
+    rank: int
+    rank_size: int
+    stage_size: int
+    model_files: list[str]
+    device: torch.device
+    tp_group: dist.ProcessGroup | None = None  # the ranks of this stage (None when tp_size == 1)
+    options: dict[str, Any] = field(default_factory=dict)  # `declare_servable(shard_options=...)`
+
+    @property
+    def tp_size(self) -> int:
+        return self.rank_size // self.stage_size
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def stage_ranks(self) -> list[int]:
+        return list(range(self.stage * self.tp_size, (self.stage + 1) * self.tp_size))
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.stage_size - 1
+
+    @property
+    def is_output_rank(self) -> bool:
+        return self.is_last_stage and self.tp_rank == 0
+
+    def peer_in_stage(self, stage: int) -> int:
+        """The global rank with the same tp_rank in ``stage`` (pipeline send/recv partner)."""
+        return stage * self.tp_size + self.tp_rank
+
+
+class ModelShard:
+    """Base class of shard implementations. Subclasses load their slice in ``__init__``."""
+
+    def __init__(self, ctx: ShardContext) -> None:
+        self.ctx = ctx
+
+    def predict(self, instances: list[InstanceValues] | None) -> list[InstanceValues] | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources; called once before the Agent exits."""
+
+
+_REGISTRY: dict[str, type[ModelShard]] = {}
+
+
+def register_shard(name: str) -> Callable[[type[ModelShard]], type[ModelShard]]:
+    """Class decorator: make a shard findable by ``name`` (``declare_servable(shard=name)``)."""
+
+    def deco(cls: type[ModelShard]) -> type[ModelShard]:
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def find_shard(name: str) -> type[ModelShard]:
+    """Resolve ``name``: a registered name (module ``agents.<name>`` is imported first), or ``pkg.mod:Class``."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        if not (isinstance(cls, type) and issubclass(cls, ModelShard)):
+            raise TypeError(f"'{name}' is not a ModelShard subclass")
+        return cls
+    if name not in _REGISTRY:
+        try:
+            importlib.import_module(f"agents.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"agents.{name}":
+                raise
+    if name not in _REGISTRY:
+        raise KeyError(f"no shard implementation named '{name}': expected module agents/{name}.py "
+                       f"with @register_shard('{name}'), or 'package.module:Class'")
+    return _REGISTRY[name]

@@ -1,0 +1,225 @@
+"""``servable_framework.client``: the binary ZMQ client (MindSpore's gRPC ``Client``, contract §10).
+
+    client = Client("127.0.0.1:5500", "add", "add_common")
+    result = client.infer([{"x1": np.ones((2, 2), np.float32), "x2": np.ones((2, 2), np.float32)}])
+    # -> [{"y": array([[2., 2.], [2., 2.]], dtype=float32)}]
+
+Results: one dict per instance (numpy arrays; a single string -> ``str``; bytes -> ``bytes``); a failed
+instance is ``{"error": text}``; a whole-request failure returns ``{"error": text}`` instead of a list.
+A server that is down or silent gives ``{"error": "ZMQ Error, (14, 'unavailable'), ..."}`` after
+``connect_timeout_s`` / ``timeout_s``; calls never block forever. One Client may be used from many threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import zmq
+
+from servable_framework import transport
+from servable_framework.servable import checks
+from servable_framework.wire import DTYPES, Kind, Value, decode_value, encode_value, pack, unpack
+
+Reply = list[dict[str, Any]] | dict[str, Any]
+UNAVAILABLE = "ZMQ Error, (14, 'unavailable')"
+DEADLINE = "ZMQ Error, (4, 'deadline exceeded')"
+RESOURCE_EXHAUSTED = "ZMQ Error, (8, 'resource exhausted')"
+CLIENT_MAX_BYTES = 512 * 1024 * 1024
+
+
+def _to_value(value: Any) -> Value:
+    if isinstance(value, np.ndarray) or isinstance(value, np.generic):
+        arr = np.asarray(value)
+        if arr.dtype.name not in DTYPES:
+            raise RuntimeError(f"Unknown data type {arr.dtype}")
+        return arr
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, bool):
+        return np.array([value], dtype=np.bool_)
+    if isinstance(value, int):
+        return np.array([value], dtype=np.int64)
+    if isinstance(value, float):
+        return np.array([value], dtype=np.float64)
+    raise RuntimeError(f"Not support value type {type(value)}")
+
+
+def _instances(instances: Any) -> list[dict[str, Value]]:
+    items = [instances] if isinstance(instances, dict) else instances
+    if not isinstance(items, (list, tuple)):
+        raise RuntimeError("instance should be a map")
+    out = []
+    for inst in items:
+        if not isinstance(inst, dict):
+            raise RuntimeError("instance should be a map")
+        out.append({str(k): _to_value(v) for k, v in inst.items()})
+    return out
+
+
+def _decode_reply(header: dict[str, Any], buffers: Any) -> Reply:
+    errors = header.get("error_msg") or []
+    instances = header.get("instances")
+    if instances is None:
+        return {"error": errors[0]["msg"] if errors else "unknown error"}
+    out: list[dict[str, Any]] = []
+    for i, inst in enumerate(instances):
+        if errors and errors[i].get("code", 0) != 0:
+            out.append({"error": errors[i]["msg"]})
+        else:
+            out.append({k: decode_value(v, buffers) for k, v in inst.items()})
+    return out
+
+
+class _Channel:
+    """Owns the DEALER socket in one I/O thread; callers hand requests over a queue (ZMQ sockets are not
+    thread-safe). Replies are matched to futures by request id; deadlines are enforced here."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, endpoint: str, connect_timeout_s: float) -> None:
+        self.endpoint = endpoint
+        self.connect_timeout_s = connect_timeout_s
+        self.outbox: queue.Queue[tuple[int, list[Any], Future[Reply], float]] = queue.Queue()
+        self.pending: dict[int, tuple[Future[Reply], float]] = {}
+        self.wake_r, self.wake_w = os.pipe()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="zmq-client", daemon=True)
+        self.thread.start()
+
+    def submit(self, rid: int, frames: list[Any], fut: Future[Reply], deadline: float) -> None:
+        self.outbox.put((rid, frames, fut, deadline))
+        os.write(self.wake_w, b"x")
+
+    def _run(self) -> None:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: a down server is noticed
+        sock.setsockopt(zmq.MAXMSGSIZE, CLIENT_MAX_BYTES)
+        sock.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
+        waiting: list[tuple[int, list[Any], Future[Reply], float, float]] = []  # not yet sent: no connection
+        while not self.closed:
+            events = dict(poller.poll(50))
+            if self.wake_r in events:
+                os.read(self.wake_r, 4096)
+            while not self.outbox.empty():
+                rid, frames, fut, deadline = self.outbox.get_nowait()
+                waiting.append((rid, frames, fut, deadline, time.monotonic() + self.connect_timeout_s))
+            waiting = [w for w in waiting if not self._try_send(sock, *w)]
+            if sock in events:
+                self._receive(sock)
+            self._expire()
+        sock.close(0)
+
+    def _try_send(self, sock: zmq.Socket, rid: int, frames: list[Any], fut: Future[Reply], deadline: float,
+                  connect_deadline: float) -> bool:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if time.monotonic() < connect_deadline:
+                return False
+            fut.set_result({"error": f"{UNAVAILABLE}, cannot connect to {self.endpoint} within "
+                                     f"{self.connect_timeout_s:g} s; is the server running?"})
+            return True
+        self.pending[rid] = (fut, deadline)
+        return True
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                _, header, buffers = unpack([f.buffer for f in frames])
+                entry = self.pending.pop(header.get("id"), None)
+                if entry is not None:
+                    entry[0].set_result(_decode_reply(header, buffers))
+            except Exception as exc:  # noqa: BLE001 - a malformed reply fails nothing else
+                del exc
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for rid, (fut, deadline) in list(self.pending.items()):
+            if now > deadline:
+                del self.pending[rid]
+                fut.set_result({"error": f"{DEADLINE}, no reply from {self.endpoint} in time"})
+
+    def close(self) -> None:
+        self.closed = True
+        os.write(self.wake_w, b"x")
+        self.thread.join(timeout=2)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+class Client:
+    """A client of one servable method over ZMQ.
+
+    Args:
+        address: ``"ip:port"`` or ``"unix:path"`` of `server.start_zmq_server`.
+        servable_name, method_name: what to call; version_number: 0 = the newest running version.
+        ssl_config: not supported (must be None).
+        timeout_s: per-request deadline (also sent to the server, which stops waiting then too).
+        connect_timeout_s: how long a request waits for a connection before failing as unavailable.
+    """
+
+    def __init__(self, address: str, servable_name: str, method_name: str, version_number: int = 0,
+                 ssl_config: Any = None, *, timeout_s: float = 100.0, connect_timeout_s: float = 3.0) -> None:
+        checks.check_str("address", address)
+        self.servable = checks.check_str("servable_name", servable_name)
+        self.method = checks.check_str("method_name", method_name)
+        self.version = checks.check_int("version_number", version_number, 0)
+        if ssl_config is not None:
+            raise RuntimeError("ssl_config is not supported by servable_framework yet")
+        self.timeout_s = timeout_s
+        self._channel = _Channel(transport.zmq_endpoint(address, "client").replace("tcp://*", "tcp://127.0.0.1"),
+                                 connect_timeout_s)
+
+    def infer_async(self, instances: Any) -> Future[Reply]:
+        """Send without waiting; ``.result()`` on the returned future gives what `infer` returns."""
+        fut: Future[Reply] = Future()
+        buffers: list[Any] = []
+        items = _instances(instances)
+        rid = next(_Channel._ids)
+        header = {"id": rid, "servable": self.servable, "method": self.method, "version": self.version,
+                  "timeout_s": self.timeout_s,
+                  "instances": [{k: encode_value(v, buffers) for k, v in inst.items()} for inst in items]}
+        size = sum(len(memoryview(b)) for b in buffers)
+        if size > CLIENT_MAX_BYTES:
+            fut.set_result({"error": f"{RESOURCE_EXHAUSTED}, request of {size} bytes is over the client limit"})
+            return fut
+        self._channel.submit(rid, pack(Kind.PREDICT, header, buffers), fut, time.monotonic() + self.timeout_s + 1.0)
+        return fut
+
+    def infer(self, instances: Any) -> Reply:
+        """Run ``instances`` (one dict or a list of dicts: input name -> numpy array / str / bytes / scalar)."""
+        return self.infer_async(instances).result()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._channel.closed:
+                self._channel.close()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass

@@ -1,0 +1,121 @@
+"""Main's data plane: route a request to a READY Worker of its servable/version and await the answer.
+
+Both front ends (REST and ZMQ) call `Dispatcher.predict`; admission control (queue limit, instance
+limit), version selection, timeouts and the "not available" errors of contract §8.6 live here only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from servable_framework.errors import (
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    RequestTimeout,
+    ServingError,
+    Unavailable,
+)
+from servable_framework.main.workers import WorkerHandle, WorkerSet, WorkerState
+from servable_framework.settings import Settings
+from servable_framework.wire import Instance, Kind, decode_value, encode_instances
+
+Result = Instance | ServingError
+
+
+class Dispatcher:
+    def __init__(self, workers: WorkerSet, settings: Settings) -> None:
+        self.workers = workers
+        self.settings = settings
+        self._ids = itertools.count(1)
+        self.inflight = 0
+        self.draining = False
+        self.stats = {"requests": 0, "errors": 0, "rejected": 0}
+
+    def _spec(self, servable: str, method: str, version: int) -> str:
+        v = f" version({version})" if version else ""
+        return f"Request servable({servable}) method({method}){v}"
+
+    def pick(self, servable: str, method: str, version: int) -> WorkerHandle:
+        """The least-loaded READY Worker, or the contract's error for why there is none."""
+        handles = [h for h in self.workers.workers.values() if h.servable == servable]
+        if version:
+            handles = [h for h in handles if h.version == version]
+        elif handles:
+            newest = max(h.version for h in handles)
+            handles = [h for h in handles if h.version == newest]
+        if not handles:
+            raise NotFound(f"{self._spec(servable, method, version)} , servable is not available")
+        ready = [h for h in handles if h.state is WorkerState.READY]
+        if not ready:
+            reasons = "; ".join(sorted({h.reason or h.state.value for h in handles}))
+            raise Unavailable(f"{self._spec(servable, method, version)} , servable is not available: {reasons}")
+        if method not in ready[0].methods:
+            raise NotFound(f"{self._spec(servable, method, version)} , method is not available")
+        return min(ready, key=lambda h: len(h.inflight))
+
+    async def predict(self, servable: str, method: str, version: int, instances: list[Instance],
+                      timeout_s: float | None = None) -> list[Result]:
+        """Run one request; returns one result (outputs or error) per instance, in order."""
+        self.stats["requests"] += 1
+        if self.draining:
+            raise Unavailable("Serving Error: server is shutting down")
+        if self.inflight >= self.settings.max_enqueued_requests:
+            self.stats["rejected"] += 1
+            raise Overloaded(f"Serving Error: enqueued requests count exceeds the limit "
+                             f"{self.settings.max_enqueued_requests}")
+        if not instances:
+            raise InvalidInput("Instances count of request cannot be 0")
+        if len(instances) > self.settings.max_instances_per_request:
+            raise InvalidInput(f"Instances count {len(instances)} of request exceeds the limit "
+                               f"{self.settings.max_instances_per_request}")
+        handle = self.pick(servable, method, version)
+        for inst in instances:
+            for name in handle.methods[method]:
+                if name not in inst:
+                    raise InvalidInput(f"Cannot find input {name} in instance input , servable {servable}, "
+                                       f"method {method}")
+        self.inflight += 1
+        try:
+            return await self._call(handle, method, instances, timeout_s or self.settings.request_timeout_s)
+        except ServingError:
+            self.stats["errors"] += 1
+            raise
+        finally:
+            self.inflight -= 1
+
+    async def _call(self, handle: WorkerHandle, method: str, instances: list[Instance],
+                    timeout_s: float) -> list[Result]:
+        request_id = next(self._ids)
+        buffers: list[Any] = []
+        header = {"id": request_id, "method": method, "instances": encode_instances(instances, buffers)}
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        handle.inflight[request_id] = fut
+        try:
+            await self.workers.send(handle, Kind.PREDICT, header, buffers)
+            reply, out_buffers, _frames = await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"Request timed out after {timeout_s:g} s") from None
+        finally:
+            handle.inflight.pop(request_id, None)
+        if "error" in reply:
+            raise ServingError.from_wire(reply["error"])
+        results: list[Result] = []
+        for item in reply.get("results", []):
+            if "error" in item:
+                results.append(ServingError.from_wire(item["error"]))
+            else:
+                results.append({k: decode_value(v, out_buffers) for k, v in item["ok"].items()})
+        return results
+
+    def ready(self) -> dict[str, Any]:
+        """Readiness of every servable: ready when at least one Worker of its newest version is READY."""
+        out: dict[str, Any] = {}
+        for h in self.workers.workers.values():
+            entry = out.setdefault(h.servable, {"ready": False, "workers": []})
+            entry["workers"].append({"id": h.worker_id, "version": h.version, "state": h.state.value,
+                                     "reason": h.reason})
+            entry["ready"] = entry["ready"] or h.state is WorkerState.READY
+        return out

@@ -1,0 +1,123 @@
+"""The REST front end: a Starlette app over the `Dispatcher`.
+
+Routes: ``POST /model/{servable}[/version/{n}]:{method}`` (MindSpore's URL and JSON body), ``GET /health``
+(process alive), ``GET /ready`` (every servable has a READY Worker; 503 otherwise), ``GET /metrics``
+(Prometheus text). Errors become ``{"error_msg": ...}`` with a meaningful HTTP status in exactly one
+place, `_error_response`; per-instance errors keep HTTP 200, as the other instances succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from servable_framework.errors import InvalidInput, MethodNotAllowed, Overloaded, PayloadTooLarge, ServingError
+from servable_framework.main.dispatcher import Dispatcher
+from servable_framework.main.rest_codec import encode_error, encode_results, parse_body, parse_url
+
+log = logging.getLogger("servable_framework.rest")
+
+TIMEOUT_HEADER = "x-request-timeout-s"
+
+
+def _error_response(exc: ServingError) -> Response:
+    headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
+    return JSONResponse(encode_error(exc), status_code=exc.http_status, headers=headers)
+
+
+def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
+    async def predict(request: Request) -> Response:
+        try:
+            if request.method != "POST":
+                raise MethodNotAllowed("http message only support POST right now")
+            target = parse_url(request.url.path)
+            body = await _read_limited(request, max_msg_bytes)
+            instances = parse_body(body)
+            timeout = _timeout(request)
+            results = await dispatcher.predict(target.servable, target.method, target.version, instances, timeout)
+        except ServingError as exc:
+            return _error_response(exc)
+        except Exception as exc:  # a bug: log it, answer 500 in the contract's shape, keep serving
+            log.exception("unexpected error on %s", request.url.path)
+            return _error_response(ServingError(f"Serving Error: internal error: {type(exc).__name__}"))
+        body_out = encode_results(results)
+        if "instances" not in body_out:  # every instance failed the same way: a whole-request error
+            first = next(r for r in results if isinstance(r, ServingError))
+            return JSONResponse(body_out, status_code=first.http_status)
+        return JSONResponse(body_out)
+
+    async def health(_: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
+    async def ready(_: Request) -> Response:
+        servables = dispatcher.ready()
+        ok = bool(servables) and all(s["ready"] for s in servables.values())
+        return JSONResponse({"ready": ok, "servables": servables}, status_code=200 if ok else 503)
+
+    async def metrics(_: Request) -> Response:
+        return PlainTextResponse(_prometheus(dispatcher), media_type="text/plain; version=0.0.4")
+
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/{path:path}", predict, methods=methods),
+    ]
+    return Starlette(routes=routes)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """Read the body, refusing (413) as soon as it exceeds ``limit`` bytes, declared or actual."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"http message is bigger than {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"http message is bigger than {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _timeout(request: Request) -> float | None:
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise InvalidInput(f"header {TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _prometheus(dispatcher: Dispatcher) -> str:
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, Any], float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lines.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
+
+    metric("servable_requests_total", "counter", "Requests received by Main.",
+           [({}, dispatcher.stats["requests"])])
+    metric("servable_request_errors_total", "counter", "Requests that failed as a whole.",
+           [({}, dispatcher.stats["errors"])])
+    metric("servable_requests_rejected_total", "counter", "Requests shed by the queue limit.",
+           [({}, dispatcher.stats["rejected"])])
+    metric("servable_requests_inflight", "gauge", "Requests admitted and not yet answered.",
+           [({}, dispatcher.inflight)])
+    ready = [({"servable": name}, 1.0 if s["ready"] else 0.0) for name, s in dispatcher.ready().items()]
+    metric("servable_ready", "gauge", "1 when the servable has a READY Worker.", ready)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,239 @@
+"""Main's control plane for its Workers: spawn, registration, heartbeats, death and restart.
+
+Guarantees: a Worker is routable only while READY; when it dies, goes silent past the heartbeat timeout,
+or reports that its Agents failed, every request in flight on it fails at once with an error naming the
+cause, and it is restarted (bounded, with back-off) unless Main is stopping. All methods run on Main's
+event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from servable_framework import procs, transport
+from servable_framework.errors import ServingError, StartupError, Unavailable
+from servable_framework.settings import Settings
+from servable_framework.wire import Kind, unpack
+
+log = logging.getLogger("servable_framework.main")
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    UNAVAILABLE = "unavailable"  # alive, but cannot serve (its Agents are down)
+    DEAD = "dead"
+
+
+@dataclass
+class WorkerHandle:
+    worker_id: str
+    payload: dict[str, Any]
+    log_path: str
+    child: procs.Child | None = None
+    state: WorkerState = WorkerState.STARTING
+    reason: str = ""
+    methods: dict[str, list[str]] = field(default_factory=dict)
+    last_pong: float = field(default_factory=time.monotonic)
+    last_ping: float = 0.0
+    inflight: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    started: asyncio.Future[None] | None = None
+    restarts: int = 0
+    served: int = 0
+
+    @property
+    def servable(self) -> str:
+        return str(self.payload["servable_name"])
+
+    @property
+    def version(self) -> int:
+        return int(self.payload["version"])
+
+    @property
+    def label(self) -> str:
+        pid = self.child.pid if self.child else "-"
+        return f"worker {self.worker_id} (servable '{self.servable}' version {self.version}, pid {pid})"
+
+
+class WorkerSet:
+    """All Workers of this Main, and the ROUTER socket they connect to."""
+
+    _ids = itertools.count()
+
+    def __init__(self, ctx: zmq.asyncio.Context, settings: Settings) -> None:
+        self.settings = settings
+        self.sock = transport.async_socket(ctx, zmq.ROUTER)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.workers: dict[str, WorkerHandle] = {}
+        self.stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        log.info("Master server start success, listening on %s", self.address)
+
+    def run(self) -> None:
+        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._monitor_loop())]
+
+    # -- start ----------------------------------------------------------------------------------------------
+    def spawn(self, payload: dict[str, Any], log_name: str) -> WorkerHandle:
+        worker_id = f"w{next(self._ids)}"
+        os.makedirs(self.settings.log_dir, exist_ok=True)
+        payload = {**payload, "worker_id": worker_id, "main_address": self.address,
+                   "heartbeat": {"interval_s": self.settings.heartbeat_interval_s,
+                                 "timeout_s": self.settings.heartbeat_timeout_s}}
+        handle = WorkerHandle(worker_id, payload, os.path.join(self.settings.log_dir, log_name))
+        self.workers[worker_id] = handle
+        self._launch(handle)
+        return handle
+
+    def _launch(self, handle: WorkerHandle) -> None:
+        handle.state = WorkerState.STARTING
+        handle.started = asyncio.get_running_loop().create_future()
+        handle.last_pong = time.monotonic()
+        handle.child = procs.spawn("servable_framework.worker", handle.payload, f"worker {handle.worker_id}",
+                                   handle.log_path)
+
+    async def wait_started(self, handles: list[WorkerHandle], timeout_s: float | None) -> None:
+        """Until every handle registered; raises `StartupError` with the Worker's own error text."""
+        futures = [h.started for h in handles if h.started is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout_s)
+        except asyncio.TimeoutError:
+            raise StartupError(f"Fail to start workers: not ready within {timeout_s} s") from None
+
+    # -- messages -------------------------------------------------------------------------------------------
+    async def send(self, handle: WorkerHandle, kind: Kind, header: dict[str, Any], buffers: Any = ()) -> None:
+        await transport.send(self.sock, kind, header, buffers, to=handle.worker_id.encode())
+
+    async def _recv_loop(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            ident = bytes(frames[0].buffer).decode(errors="replace")
+            handle = self.workers.get(ident)
+            try:
+                kind, header, buffers = unpack([f.buffer for f in frames[1:]])
+            except ServingError as exc:
+                log.warning("malformed message from %s: %s", ident, exc)
+                continue
+            if handle is None:
+                continue
+            try:
+                self._on_message(handle, kind, header, buffers, frames)
+            except Exception:  # the control loop must never die
+                log.exception("handling %s from %s failed", kind.name, handle.label)
+
+    def _on_message(self, handle: WorkerHandle, kind: Kind, header: dict[str, Any], buffers: Any,
+                    frames: Any) -> None:
+        handle.last_pong = time.monotonic()
+        if kind is Kind.RESULT:
+            fut = handle.inflight.pop(header.get("id", -1), None)
+            if fut is not None and not fut.done():
+                handle.served += 1
+                fut.set_result((header, buffers, frames))
+        elif kind is Kind.REGISTER:
+            handle.methods = header.get("methods", {})
+            handle.payload["version"] = int(header.get("version", handle.version))  # 0 resolved to a real one
+            handle.state = WorkerState.READY
+            handle.reason = ""
+            log.info("Register success: %s ready", handle.label)
+            if handle.started is not None and not handle.started.done():
+                handle.started.set_result(None)
+        elif kind is Kind.FAILED:
+            error = str(header.get("error", "unknown error"))
+            if header.get("fatal", True):
+                handle.reason = error
+                if handle.started is not None and not handle.started.done():
+                    handle.started.set_exception(StartupError(f"Fail to start workers: {error}"))
+            else:
+                log.error("%s is unavailable: %s", handle.label, error)
+                self._make_unavailable(handle, WorkerState.UNAVAILABLE, error)
+        elif kind is Kind.EXIT:
+            log.info("%s is exiting", handle.label)
+
+    def _make_unavailable(self, handle: WorkerHandle, state: WorkerState, reason: str) -> None:
+        handle.state = state
+        handle.reason = reason
+        error = Unavailable(f"Request servable({handle.servable}) version({handle.version}) , servable is not "
+                            f"available: {reason}")
+        for fut in handle.inflight.values():
+            if not fut.done():
+                fut.set_exception(error)
+        handle.inflight.clear()
+
+    # -- monitor --------------------------------------------------------------------------------------------
+    async def _monitor_loop(self) -> None:
+        """Ping every interval; a Worker that exited or stayed silent past the timeout is dead."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(min(0.1, s.heartbeat_interval_s))
+            now = time.monotonic()
+            for handle in list(self.workers.values()):
+                try:
+                    await self._check(handle, now)
+                except Exception:  # the control loop must never die
+                    log.exception("monitoring %s failed", handle.label)
+
+    async def _check(self, handle: WorkerHandle, now: float) -> None:
+        if handle.state is WorkerState.DEAD or handle.child is None:
+            return
+        if not handle.child.alive():
+            code = handle.child.proc.returncode
+            await self._on_death(handle, f"{handle.label} exited with code {code}")
+            return
+        if handle.state is WorkerState.STARTING:
+            return  # loading can take long; the start deadline covers it
+        if now - handle.last_pong > self.settings.heartbeat_timeout_s:
+            await procs.aterminate([handle.child], grace_s=0)
+            await self._on_death(handle, f"{handle.label} missed heartbeats for "
+                                         f"{self.settings.heartbeat_timeout_s:.1f} s")
+            return
+        if now - handle.last_ping >= self.settings.heartbeat_interval_s:
+            handle.last_ping = now
+            await self.send(handle, Kind.PING, {})
+
+    async def _on_death(self, handle: WorkerHandle, reason: str) -> None:
+        was_starting = handle.state is WorkerState.STARTING
+        self._make_unavailable(handle, WorkerState.DEAD, reason)
+        if handle.started is not None and not handle.started.done():
+            detail = f": {handle.reason}" if handle.reason else " because of death of one worker"
+            handle.started.set_exception(StartupError(f"Fail to start workers{detail}"))
+        if self.stopping or was_starting:
+            return
+        log.error("%s", reason)
+        if handle.restarts >= self.settings.worker_restart_max:
+            log.error("%s: restart limit (%d) reached, giving up", handle.label, self.settings.worker_restart_max)
+            return
+        handle.restarts += 1
+        delay = min(2.0 ** (handle.restarts - 1), 10.0)
+        log.warning("restarting %s in %.1f s (attempt %d/%d)", handle.label, delay, handle.restarts,
+                    self.settings.worker_restart_max)
+        await asyncio.sleep(delay)
+        if not self.stopping:
+            self._launch(handle)
+
+    # -- stop -----------------------------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Tell every Worker to exit, then escalate (one path, idempotent)."""
+        self.stopping = True
+        for handle in self.workers.values():
+            if handle.child is not None and handle.child.alive():
+                try:
+                    await self.send(handle, Kind.EXIT, {})
+                except zmq.ZMQError:
+                    pass
+        children = [h.child for h in self.workers.values() if h.child is not None]
+        await procs.aterminate(children, self.settings.graceful_timeout_s)
+        for handle in self.workers.values():
+            self._make_unavailable(handle, WorkerState.DEAD, "server is stopping")
+        for task in self._tasks:
+            task.cancel()
+        self.sock.close(0)

@@ -1,0 +1,115 @@
+"""The ZMQ front end (gRPC's place): a ROUTER socket feeding the same `Dispatcher` as REST.
+
+Request: ``[client-id, PREDICT, header, buf...]`` with header ``{"id", "servable", "method", "version",
+"instances": [{input: descriptor}], "timeout_s"?}`` (descriptors: `servable_framework.wire`).
+Reply: ``[client-id, RESULT, header, buf...]`` with ``{"id", "instances": [...], "error_msg": [...]}`` and
+MindSpore's three-way error semantics (contract §9): an empty list = all ok; one entry and no instances =
+the whole request failed; otherwise one entry per instance, ``code`` 0 = that instance is ok.
+Malformed or oversize messages get an error reply (when they carry a client id) and change nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from servable_framework import transport
+from servable_framework.errors import InvalidInput, PayloadTooLarge, ServingError
+from servable_framework.main.dispatcher import Dispatcher, Result
+from servable_framework.wire import Kind, decode_instances, encode_value, unpack
+
+log = logging.getLogger("servable_framework.zmq")
+
+STATUS_CODES = {"InvalidInput": 2, "NotFound": 5, "Unavailable": 5, "Overloaded": 4, "PayloadTooLarge": 8,
+                "RequestTimeout": 4}
+
+
+def error_entry(exc: ServingError) -> dict[str, Any]:
+    return {"code": STATUS_CODES.get(type(exc).__name__, 1), "kind": type(exc).__name__, "msg": exc.message}
+
+
+class ZmqFrontend:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, dispatcher: Dispatcher, max_msg_bytes: int) -> None:
+        self.dispatcher = dispatcher
+        self.max_msg_bytes = max_msg_bytes
+        # a hard guard against absurd frames; messages up to the limit (+header slack) get a proper error reply
+        self.sock = transport.async_socket(ctx, zmq.ROUTER, max_msg_bytes=2 * max_msg_bytes + (1 << 20))
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a client that left just loses its reply
+        self.sock.bind(transport.zmq_endpoint(address, "Serving gRPC"))
+        self._task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def run(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            task = asyncio.create_task(self._handle(frames))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _handle(self, frames: list[zmq.Frame]) -> None:
+        client = bytes(frames[0].buffer)
+        request_id: Any = None
+        try:
+            size = sum(len(f.buffer) for f in frames[1:])
+            if size > self.max_msg_bytes:
+                raise PayloadTooLarge(f"resource exhausted: message size {size} is bigger than {self.max_msg_bytes}")
+            kind, header, buffers = unpack([f.buffer for f in frames[1:]])
+            request_id = header.get("id")
+            if kind is not Kind.PREDICT:
+                raise InvalidInput(f"unexpected message kind {kind.name}")
+            servable, method, version = header.get("servable"), header.get("method"), header.get("version", 0)
+            if not isinstance(servable, str) or not servable or not isinstance(method, str) or not method:
+                raise InvalidInput("request must name a servable and a method")
+            if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+                raise InvalidInput(f"invalid version number {version!r}")
+            timeout = header.get("timeout_s")
+            if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+                raise InvalidInput(f"invalid timeout_s {timeout!r}")
+            instances = decode_instances(header.get("instances"), buffers)
+            results = await self.dispatcher.predict(servable, method, version, instances, timeout)
+        except ServingError as exc:
+            await self._reply(client, {"id": request_id, "error_msg": [error_entry(exc)]}, [])
+            return
+        except Exception as exc:  # never let one request take the front end down
+            log.exception("unexpected error in the ZMQ front end")
+            await self._reply(client, {"id": request_id, "error_msg": [error_entry(ServingError(str(exc)))]}, [])
+            return
+        header_out, buffers_out = encode_results(request_id, results)
+        await self._reply(client, header_out, buffers_out)
+
+    async def _reply(self, client: bytes, header: dict[str, Any], buffers: list[Any]) -> None:
+        try:
+            await transport.send(self.sock, Kind.RESULT, header, buffers, to=client)
+        except zmq.ZMQError as exc:
+            log.warning("could not answer a ZMQ client: %s", exc)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for task in self._pending:
+            task.cancel()
+        self.sock.close(0)
+
+
+def encode_results(request_id: Any, results: list[Result]) -> tuple[dict[str, Any], list[Any]]:
+    buffers: list[Any] = []
+    errors = [r for r in results if isinstance(r, ServingError)]
+    if errors and len(errors) == len(results) and len({e.message for e in errors}) == 1:
+        return {"id": request_id, "error_msg": [error_entry(errors[0])]}, buffers
+    instances: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+    for res in results:
+        if isinstance(res, ServingError):
+            instances.append({})
+            entries.append(error_entry(res))
+        else:
+            instances.append({k: encode_value(v, buffers) for k, v in res.items()})
+            entries.append({"code": 0, "kind": "", "msg": ""})
+    return {"id": request_id, "instances": instances, "error_msg": entries if errors else []}, buffers

@@ -1,0 +1,1 @@
+"""Declarations: what ``servable_config.py`` builds (pure data, no processes)."""

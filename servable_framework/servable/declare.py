@@ -1,0 +1,320 @@
+"""The declaration API used inside ``servable_config.py`` (contract §3).
+
+Declarations record into a `ServableSpec` owned by the `ServableBuilder` that the loader activates
+while it imports ``servable_config.py`` (a context variable, not module globals). Methods are traced
+once at decoration time: the decorated function runs with `TensorDef` placeholders and every
+``add_stage`` call appends a stage. Every validation failure raises RuntimeError with MindSpore's text.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from servable_framework.servable import checks
+from servable_framework.servable.spec import (
+    MODEL_FORMATS,
+    DistributedSpec,
+    MethodSpec,
+    ModelSpec,
+    ServableSpec,
+    StageSpec,
+    TensorDef,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_builder: contextvars.ContextVar[ServableBuilder | None] = contextvars.ContextVar("servable_builder", default=None)
+
+
+class ServableBuilder:
+    """Collects the declarations of one servable while its ``servable_config.py`` is imported."""
+
+    def __init__(self, name: str, directory: str) -> None:
+        self.spec = ServableSpec(name=name, directory=directory)
+        self.method: MethodSpec | None = None  # the method being traced
+        self.handles: list[Model] = []  # the Model objects handed out, so the Worker can bind runners
+
+    @contextmanager
+    def active(self) -> Iterator[ServableBuilder]:
+        token = _builder.set(self)
+        try:
+            yield self
+        finally:
+            _builder.reset(token)
+
+
+def current_builder() -> ServableBuilder:
+    builder = _builder.get()
+    if builder is None:
+        raise RuntimeError("Failed to obtain the directory of servable_config.py")
+    return builder
+
+
+class Model:
+    """Handle returned by `declare_model` / `distributed.declare_servable`; pass it to `add_stage`.
+
+    In a Worker, ``Model.call(...)`` runs the loaded model synchronously from inside a Python stage.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._runner: Callable[[list[list[Any]]], list[Any]] | None = None  # set by the Worker at load
+
+    @property
+    def model_key(self) -> str:
+        return self.spec.key
+
+    def call(self, *args: Any, subgraph: int = 0) -> Any:
+        """Run the model: ``call(x1, x2)`` for one instance, ``call([[x1, x2], [x3, x4]])`` for several."""
+        prefix = f"Model({self.spec.key}).call() failed" if subgraph == 0 else \
+            f"Model({self.spec.key}, subgraph={subgraph}).call() failed"
+        if subgraph != 0:
+            raise RuntimeError(f"{prefix}: The model does not have subgraph of index {subgraph}, "
+                               f"the subgraph count of the model is 1")
+        if not args:
+            raise RuntimeError(f"{prefix}: no inputs provided")
+        single = not (len(args) == 1 and isinstance(args[0], (list, tuple)))
+        instances = [list(args)] if single else list(args[0])
+        if not single:
+            if not instances:
+                raise RuntimeError(f"{prefix}: Input instances count is 0")
+            if not all(isinstance(i, (list, tuple)) for i in instances):
+                raise RuntimeError(f"{prefix}: inputs format invalid")
+        if self._runner is None:
+            raise RuntimeError(f"{prefix}: the model is not declared")
+        n = self.spec.inputs_count
+        for i, inst in enumerate(instances):
+            if n is not None and len(inst) != n:
+                raise RuntimeError(f"{prefix}: The inputs count {len(inst)} of instance {i} is not equal to "
+                                   f"the inputs count {n} of the model")
+        results = self._runner([list(i) for i in instances])
+        outs = [r[0] if len(r) == 1 else tuple(r) for r in results]
+        return outs[0] if single else [tuple(r) for r in results]
+
+
+def declare_model(
+    model_file: str | list[str] | tuple[str, ...],
+    model_format: str,
+    with_batch_dim: bool = True,
+    options: Any = None,
+    without_batch_dim_inputs: int | list[int] | None = None,
+    context: Any = None,
+    config_file: str | None = None,
+    *,
+    module_factory: Callable[[], Any] | None = None,
+    max_batch_size: int = 0,
+    max_batch_delay_ms: float = 0.0,
+    dtype: str | None = None,
+) -> Model:
+    """Declare a local model of this servable (MindSpore ``register.declare_model``).
+
+    Args:
+        model_file: file name(s) inside each version directory (``{servable}/{version}/{file}``).
+        model_format: ``"TorchExport"`` (a ``torch.export`` ``.pt2`` program: graph + weights, no user code)
+            or ``"SafeTensors"`` (``module_factory()`` builds the ``torch.nn.Module``; weights come from the
+            safetensors file, loaded with ``strict=True``). Case ignored.
+        with_batch_dim: dim 0 of inputs/outputs is the batch; instances of concurrent requests are batched.
+        without_batch_dim_inputs: input indexes that carry no batch dim (taken from the first instance).
+        options, context, config_file: accepted for MindSpore compatibility; unused.
+        module_factory: zero-argument callable returning the module (``SafeTensors`` only).
+        max_batch_size: most instances per model call (0 = the static batch dim of a ``.pt2`` program, else 8).
+        max_batch_delay_ms: how long the first instance of a batch may wait for more (0 = take what is queued).
+        dtype: optional torch dtype name to cast floating weights to (e.g. ``"float16"``).
+
+    Raises:
+        RuntimeError: with MindSpore's messages on any invalid argument or a repeated declaration.
+    """
+    spec = current_builder().spec
+    files = checks.check_str_list("model_file", model_file)
+    fmt = checks.check_str("model_format", model_format)
+    canonical = {f.lower(): f for f in MODEL_FORMATS}.get(fmt.lower())
+    if canonical is None:
+        raise RuntimeError(f"model format can only be {' or '.join(MODEL_FORMATS)}, case ignored")
+    checks.check_bool("with_batch_dim", with_batch_dim)
+    no_batch = checks.check_int_list("without_batch_dim_inputs", without_batch_dim_inputs) \
+        if without_batch_dim_inputs else []
+    checks.check_int("max_batch_size", max_batch_size, 0)
+    if canonical == "SafeTensors" and not callable(module_factory):
+        raise RuntimeError("model format SafeTensors needs 'module_factory', a callable returning the torch.nn.Module")
+    if spec.distributed_model is not None:
+        raise RuntimeError("servable has already been declared as distributed servable")
+    key = ";".join(files)
+    for other in spec.models:
+        if other.key == key:
+            raise RuntimeError("the same model has already been declared")
+        for f in files:
+            if f in other.files:
+                raise RuntimeError(f"model file '{f}' has already been used")
+    model = ModelSpec(key=key, files=files, model_format=canonical, with_batch_dim=with_batch_dim,
+                      without_batch_dim_inputs=tuple(no_batch), max_batch_size=max_batch_size,
+                      max_batch_delay_ms=float(max_batch_delay_ms), module_factory=module_factory, device_dtype=dtype)
+    spec.models.append(model)
+    handle = Model(model)
+    current_builder().handles.append(handle)
+    return handle
+
+
+def declare_distributed(
+    rank_size: int,
+    stage_size: int,
+    with_batch_dim: bool,
+    without_batch_dim_inputs: int | list[int] | None,
+    enable_pipeline_infer: bool,
+    shard: str,
+    shard_options: dict[str, Any] | None,
+    max_batch_size: int,
+    max_batch_delay_ms: float,
+) -> Model:
+    """Implementation of `servable_framework.server.distributed.declare_servable` (documented there)."""
+    spec = current_builder().spec
+    checks.check_int("rank_size", rank_size, 1)
+    checks.check_int("stage_size", stage_size, 1)
+    checks.check_bool("with_batch_dim", with_batch_dim)
+    checks.check_bool("enable_pipeline_infer", enable_pipeline_infer)
+    checks.check_str("shard", shard)
+    checks.check_int("max_batch_size", max_batch_size, 0)
+    no_batch = checks.check_int_list("without_batch_dim_inputs", without_batch_dim_inputs) \
+        if without_batch_dim_inputs else []
+    if spec.distributed_model is not None:
+        raise RuntimeError("servable is repeatedly been declared as distributed servable")
+    if spec.models:
+        raise RuntimeError("servable has already been declared as local servable")
+    if rank_size % stage_size != 0:
+        raise RuntimeError("Rank size must be an integral multiple of stage size")
+    dist = DistributedSpec(rank_size=rank_size, stage_size=stage_size, enable_pipeline_infer=enable_pipeline_infer,
+                           shard=shard, shard_options=dict(shard_options or {}))
+    model = ModelSpec(key=spec.name, files=[], model_format="Distributed", with_batch_dim=with_batch_dim,
+                      without_batch_dim_inputs=tuple(no_batch),
+                      max_batch_size=(max_batch_size or 8) if with_batch_dim else 1,
+                      max_batch_delay_ms=float(max_batch_delay_ms), distributed=dist)
+    spec.models.append(model)
+    handle = Model(model)
+    current_builder().handles.append(handle)
+    return handle
+
+
+def add_stage(stage: Any, *args: Any, outputs_count: int, batch_size: int | None = None,
+              tag: str | None = None) -> Any:
+    """Add a stage to the method being traced; returns one placeholder, or a tuple of ``outputs_count``.
+
+    ``stage`` is a `Model` (its model runs on the instances; batched across requests when it has a batch
+    dim) or a Python function. A function with ``batch_size=None`` is called once per instance with the
+    inputs as positional args; with ``batch_size`` (int >= 0; 0 = let the server choose) it is called with
+    ONE list of per-instance input tuples and must return or yield one result per instance.
+    """
+    builder = current_builder()
+    method = builder.method
+    if method is None:
+        raise RuntimeError("add_stage should be called in a function decorated by register_method")
+    if not isinstance(stage, Model) and not inspect.isfunction(stage):
+        raise RuntimeError(f"the parameter 'stage' of add_stage must be function or Model returned by "
+                           f"declare_model, now is {type(stage)}")
+    for arg in args:
+        if not isinstance(arg, TensorDef):
+            raise RuntimeError("Each value of parameter *args is a placeholder for data and must come from the "
+                               "method inputs or the outputs of add_stage")
+    checks.check_int("outputs_count", outputs_count, 1)
+    if tag is not None:
+        checks.check_str("tag", tag)
+    spec = builder.spec
+    if isinstance(stage, Model):
+        if batch_size is not None:
+            raise RuntimeError("Parameter 'batch_size' is only valid for a function stage")
+        _record_model_io(stage.spec, len(args), outputs_count, spec)
+        st = StageSpec(inputs=list(args), outputs_count=outputs_count, model=stage.spec,
+                       tag=tag or f"Model '{stage.spec.key}'")
+    else:
+        if batch_size is not None:
+            checks.check_int("batch_size", batch_size, 0)
+        _record_function_io(stage, len(args), outputs_count, batch_size is not None, method.name, spec)
+        st = StageSpec(inputs=list(args), outputs_count=outputs_count, function=stage, batch_size=batch_size,
+                       tag=tag or f"Function '{spec.name}.{stage.__name__}'")
+    method.stages.append(st)
+    index = len(method.stages)
+    outs = tuple(TensorDef(index, i) for i in range(outputs_count))
+    return outs[0] if outputs_count == 1 else outs
+
+
+def _record_model_io(model: ModelSpec, n_in: int, n_out: int, spec: ServableSpec) -> None:
+    if all(m is not model for m in spec.models):
+        raise RuntimeError("the parameter 'stage' of add_stage must be function or Model returned by "
+                           "declare_model, the model is not declared in this servable")
+    if model.inputs_count is not None and model.inputs_count != n_in:
+        raise RuntimeError(f"RegisterInputOutputInfo failed, inputs count {n_in} not match old count "
+                           f"{model.inputs_count}")
+    if model.outputs_count is not None and model.outputs_count != n_out:
+        raise RuntimeError(f"RegisterInputOutputInfo failed, outputs count {n_out} not match old count "
+                           f"{model.outputs_count}")
+    model.inputs_count, model.outputs_count = n_in, n_out
+
+
+def _record_function_io(func: Callable[..., Any], n_in: int, n_out: int, batched: bool, method: str,
+                        spec: ServableSpec) -> None:
+    name = f"{spec.name}.{func.__name__}"
+    if not batched:
+        params = inspect.signature(func).parameters.values()
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+        if not varargs and len(positional) != n_in:
+            raise RuntimeError(f"function {name} input args count {len(positional)} not match the count {n_in} "
+                               f"registered in method")
+    old = spec.functions.get(name)
+    if old is not None:
+        if old[2] != batched:
+            raise RuntimeError("parameter 'batch_size' in multiple 'add_stage' should be enabled or disabled "
+                               "consistently")
+        if old[0] != n_in:
+            raise RuntimeError(f"Stage function '{name}' inputs count {n_in} not match last registered count "
+                               f"{old[0]}, method name '{method}'")
+        if old[1] != n_out:
+            raise RuntimeError(f"Stage function '{name}' outputs count {n_out} not match last registered count "
+                               f"{old[1]}, method name '{method}'")
+    spec.functions[name] = (n_in, n_out, batched)
+
+
+def register_method(output_names: str | list[str] | tuple[str, ...]) -> Callable[[F], F]:
+    """Decorator: register the decorated function as a method; its parameter names are the input names.
+
+    The function body runs once now, with placeholders, to record its stages; ordinary Python control flow
+    therefore runs at import time only (put data-dependent logic inside a stage function). The decorator
+    returns the function unchanged.
+    """
+    names = checks.check_str_list("output_names", output_names)
+
+    def deco(func: F) -> F:
+        builder = current_builder()
+        method = MethodSpec(name=func.__name__, input_names=_input_names(func), output_names=names)
+        if method.name in builder.spec.methods:
+            raise RuntimeError(f"Method {method.name} has been registered more than once.")
+        builder.method = method
+        try:
+            returned = func(*[TensorDef(0, i) for i in range(len(method.input_names))])
+        finally:
+            builder.method = None
+        outs = list(returned) if isinstance(returned, (tuple, list)) else [returned]
+        for out in outs:
+            if not isinstance(out, TensorDef):
+                raise RuntimeError("Each value returned is a placeholder for data and must come from the method "
+                                   "inputs or the outputs of add_stage")
+        if len(outs) != len(names):
+            raise RuntimeError(f"Method return output size {len(outs)} not match registered {len(names)}")
+        method.returns = outs
+        builder.spec.methods[method.name] = method
+        return func
+
+    return deco
+
+
+def _input_names(func: Callable[..., Any]) -> list[str]:
+    names = []
+    for p in inspect.signature(func).parameters.values():
+        for kind, label in ((p.VAR_POSITIONAL, "VAR_POSITIONAL"), (p.VAR_KEYWORD, "VAR_KEYWORD"),
+                            (p.KEYWORD_ONLY, "KEYWORD_ONLY")):
+            if p.kind == kind:
+                raise RuntimeError(f"'{func.__name__}' input {p.name} cannot be {label} !")
+        names.append(p.name)
+    return names

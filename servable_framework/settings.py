@@ -1,0 +1,41 @@
+"""Runtime settings of Main and its Workers (pydantic, units in names). The only module reading env vars.
+
+Every field can be set with an environment variable ``SERVABLE_<FIELD>`` (e.g. ``SERVABLE_HEARTBEAT_TIMEOUT_S=3``)
+or in code with `servable_framework.server.set_settings(...)` before ``start_servables``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="ping period, Main<->Worker and Worker<->Agent")
+    heartbeat_timeout_s: float = Field(3.0, gt=0, description="silence after which a peer counts as dead")
+    request_timeout_s: float = Field(100.0, gt=0, description="default per-request deadline (REST and ZMQ)")
+    max_enqueued_requests: int = Field(10000, ge=1, description="requests admitted at once; above: 503")
+    max_instances_per_request: int = Field(1024, ge=1)
+    worker_restart_max: int = Field(3, ge=0, description="restarts of a dead Worker before giving up")
+    worker_start_timeout_s: float = Field(600.0, gt=0, description="deadline for a local Worker to register")
+    graceful_timeout_s: float = Field(10.0, ge=0, description="drain period on SIGTERM, and SIGTERM->SIGKILL wait")
+    log_dir: str = Field("serving_logs", description="Worker logs, relative to the CWD")
+
+    @model_validator(mode="after")
+    def _timeout_above_interval(self) -> Settings:
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must be greater than heartbeat_interval_s")
+        return self
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            env = os.environ.get(f"SERVABLE_{name.upper()}")
+            if env is not None:
+                values[name] = env
+        values.update(overrides)
+        return cls.model_validate(values)

@@ -1,0 +1,143 @@
+"""Wire format shared by every socket of the framework: msgpack headers plus raw buffer frames.
+
+A message is a ZMQ multipart ``[kind, header, buf0, buf1, ...]``:
+
+* ``kind`` — one byte naming the message type (`Kind`); control and data messages are distinct kinds;
+* ``header`` — a msgpack map (``{"v": PROTOCOL_VERSION, ...}``), no Python objects;
+* ``bufN`` — raw C-order tensor buffers, sent as their own frames without copying.
+
+A value (one input or output of one instance) is a numpy array, a ``str`` or ``bytes``.
+In a header a value is a descriptor: ``{"t": "nd", "dtype": "float32", "shape": [2, 2], "buf": 0}``,
+``{"t": "str", "v": "text"}`` or ``{"t": "bytes", "buf": 1}``. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any, Union
+
+import msgpack
+import numpy as np
+
+from servable_framework.errors import InvalidInput
+
+PROTOCOL_VERSION = 1
+
+Value = Union[np.ndarray, str, bytes]
+Instance = dict[str, Value]
+Frame = Union[bytes, memoryview]
+
+# dtype names on the wire; MindSpore's REST/gRPC type set (bfloat16 travels as its raw bits).
+DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(name)
+    for name in (
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64",
+    )
+}
+
+
+class Kind(bytes, enum.Enum):
+    """One byte per message type. Control plane first, then data plane."""
+
+    # control plane
+    REGISTER = b"R"  # worker -> main, agent -> distributed worker: "I am up, here is my spec"
+    FAILED = b"F"  # a child reports a start or runtime failure (carries the error text)
+    PING = b"H"  # heartbeat request
+    PONG = b"h"  # heartbeat answer
+    EXIT = b"X"  # "stop now" (parent -> child) or "I am stopping" (child -> parent)
+    CONFIG = b"C"  # agent startup -> distributed worker: ask for / answer with the agent config
+    # data plane
+    PREDICT = b"P"  # a request (or a batch) to run
+    RESULT = b"r"  # its answer
+
+
+def encode_value(value: Value, buffers: list[Frame]) -> dict[str, Any]:
+    """Describe ``value`` in a header, appending its raw buffer (if any) to ``buffers``."""
+    if isinstance(value, str):
+        return {"t": "str", "v": value}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        buffers.append(bytes(value))
+        return {"t": "bytes", "buf": len(buffers) - 1}
+    if isinstance(value, np.ndarray):
+        if value.dtype.name not in DTYPES:
+            raise InvalidInput(f"Unknown data type {value.dtype}")
+        arr = np.ascontiguousarray(value)
+        buffers.append(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
+        return {"t": "nd", "dtype": arr.dtype.name, "shape": list(arr.shape), "buf": len(buffers) - 1}
+    raise InvalidInput(f"Not support value type {type(value)}")
+
+
+def decode_value(desc: Any, buffers: Sequence[Frame]) -> Value:
+    """Inverse of `encode_value`. Raises `InvalidInput` on any malformed descriptor."""
+    if not isinstance(desc, dict):
+        raise InvalidInput("malformed tensor descriptor: not a map")
+    kind = desc.get("t")
+    if kind == "str":
+        text = desc.get("v")
+        if not isinstance(text, str):
+            raise InvalidInput("malformed string descriptor")
+        return text
+    buf = _buffer(desc, buffers)
+    if kind == "bytes":
+        return bytes(buf)
+    if kind != "nd":
+        raise InvalidInput(f"malformed tensor descriptor: unknown kind {kind!r}")
+    dtype = DTYPES.get(desc.get("dtype"))  # type: ignore[arg-type]
+    shape = desc.get("shape")
+    if dtype is None:
+        raise InvalidInput(f"Unknown data type {desc.get('dtype')!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InvalidInput(f"malformed tensor shape {shape!r}")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if count * dtype.itemsize != len(buf):
+        raise InvalidInput(f"Tensor check failed: input data size {len(buf)} invalid")
+    # frombuffer is zero-copy; the array is read-only, stages that mutate must copy.
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+
+
+def _buffer(desc: dict[str, Any], buffers: Sequence[Frame]) -> memoryview:
+    index = desc.get("buf")
+    if not isinstance(index, int) or not 0 <= index < len(buffers):
+        raise InvalidInput("malformed tensor descriptor: bad buffer index")
+    return memoryview(buffers[index])
+
+
+def encode_instances(instances: Sequence[Instance], buffers: list[Frame]) -> list[dict[str, Any]]:
+    return [{name: encode_value(v, buffers) for name, v in inst.items()} for inst in instances]
+
+
+def decode_instances(raw: Any, buffers: Sequence[Frame]) -> list[Instance]:
+    if not isinstance(raw, list):
+        raise InvalidInput("malformed request: 'instances' must be a list")
+    out: list[Instance] = []
+    for item in raw:
+        if not isinstance(item, dict) or not all(isinstance(k, str) for k in item):
+            raise InvalidInput("instance should be a map")
+        out.append({k: decode_value(v, buffers) for k, v in item.items()})
+    return out
+
+
+def pack(kind: Kind, header: dict[str, Any], buffers: Sequence[Frame] = ()) -> list[Frame]:
+    """Build the frames of one message."""
+    return [kind.value, msgpack.packb({"v": PROTOCOL_VERSION, **header}, use_bin_type=True), *buffers]
+
+
+def unpack(frames: Sequence[Frame]) -> tuple[Kind, dict[str, Any], Sequence[Frame]]:
+    """Split frames into (kind, header, buffers). Raises `InvalidInput` on anything malformed."""
+    if len(frames) < 2:
+        raise InvalidInput("malformed message: expected at least 2 frames")
+    try:
+        kind = Kind(bytes(frames[0]))
+    except ValueError:
+        raise InvalidInput(f"malformed message: unknown kind {bytes(frames[0])[:8]!r}") from None
+    try:
+        header = msgpack.unpackb(frames[1], raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise InvalidInput(f"malformed message header: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidInput("malformed message header: not a map")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise InvalidInput(f"protocol version mismatch: got {header.get('v')!r}, expected {PROTOCOL_VERSION}")
+    return kind, header, frames[2:]

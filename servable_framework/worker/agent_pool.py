@@ -1,0 +1,302 @@
+"""The Distributed Worker's side of its Agents: control plane (`AgentPool`) and data plane (`DistributedBackend`).
+
+Control plane, on ``distributed_address`` (a ROUTER):
+* CONFIG: an Agent startup process asks for the servable's agent config (answered only after the rank
+  table was parsed and checked against the declaration);
+* REGISTER: an Agent joined generation ``g`` of the torch.distributed group and loaded its shard;
+* PING/PONG both ways; FAILED/EXIT from Agents or their startup process.
+
+The pool owns the torch.distributed rendezvous (a TCPStore; each *generation* uses its own key prefix), so
+when an Agent dies or goes silent the pool fails every batch in flight with an error naming the rank, tells
+the surviving Agents to leave the broken group, bumps the generation and waits for all ranks to register
+again (restarted by their startup process). When they are back the servable is available again, without
+restarting Main.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import enum
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from servable_framework import transport
+from servable_framework.errors import ServingError, StartupError, Unavailable
+from servable_framework.rank_table import RankInfo, check_against_declaration, parse_rank_table
+from servable_framework.servable.spec import ModelSpec, ServableSpec
+from servable_framework.wire import Kind, Value, decode_value, encode_value, unpack
+
+log = logging.getLogger("servable_framework.agents")
+
+
+class PoolState(str, enum.Enum):
+    WAITING = "waiting"  # for all ranks of the current generation
+    READY = "ready"
+    STOPPED = "stopped"
+
+
+@dataclass
+class AgentHandle:
+    rank: int
+    identity: bytes
+    pid: int
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class AgentPool:
+    def __init__(self, ctx: zmq.asyncio.Context, spec: ServableSpec, dist_cfg: dict[str, Any],
+                 heartbeat: dict[str, float], on_failure: Callable[[str], None],
+                 on_recovered: Callable[[], None]) -> None:
+        model = spec.distributed_model
+        assert model is not None and model.distributed is not None
+        self.spec = spec
+        self.model: ModelSpec = model
+        self.dist = model.distributed
+        self.cfg = dist_cfg
+        self.heartbeat = heartbeat
+        self.on_failure = on_failure
+        self.on_recovered = on_recovered
+        self.ever_ready = False
+        self.sock = transport.async_socket(ctx, zmq.ROUTER)
+        self.ranks: list[RankInfo] = []
+        self.agents: dict[int, AgentHandle] = {}
+        self.generation = 0
+        self.state = PoolState.WAITING
+        self.store: Any = None
+        self.ready_event = asyncio.Event()
+        self.pending: dict[int, _Batch] = {}
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._config_ok = False
+        self.failure = ""
+
+    async def start(self) -> None:
+        address = self.cfg["distributed_address"]
+        try:
+            self.sock.bind(transport.zmq_endpoint(address, "distributed"))
+        except zmq.ZMQError as exc:
+            raise StartupError(f"Distributed worker bind to {address} failed: {exc}") from None
+        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeat_loop())]
+        log.info("Distributed worker listening on %s for %d agents", address, self.dist.rank_size)
+        path = self.cfg["rank_table_json_file"]
+        self.ranks = parse_rank_table(path)
+        check_against_declaration(self.ranks, path, self.dist.rank_size, self.dist.stage_size)
+        import torch.distributed as dist
+
+        host, _ = transport.parse_address(address, "distributed")
+        # the rendezvous every generation of the Agents' torch.distributed group goes through
+        self.store = dist.TCPStore("0.0.0.0" if host in ("0.0.0.0", "*") else host, 0, is_master=True,
+                                   wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
+        self._config_ok = True
+
+    async def wait_ready(self) -> None:
+        wait_s = self.cfg["wait_agents_time_in_seconds"] or None
+        try:
+            await asyncio.wait_for(self.ready_event.wait(), wait_s)
+        except asyncio.TimeoutError:
+            raise StartupError(f"Failed to wait for ready of all agents, current agents count: {len(self.agents)}, "
+                               f"rank size: {self.dist.rank_size}") from None
+        if self.failure and self.state is not PoolState.READY:
+            raise StartupError(f"Failed to starting all agents, maybe some error reported: {self.failure}")
+
+    # -- messages -------------------------------------------------------------------------------------------
+    async def _recv_loop(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            identity = bytes(frames[0].buffer)
+            try:
+                kind, header, buffers = unpack([f.buffer for f in frames[1:]])
+                await self._on_message(identity, kind, header, buffers)
+            except ServingError as exc:
+                log.warning("bad message from %r: %s", identity, exc)
+            except Exception:  # the control loop must never die
+                log.exception("handling a message from %r failed", identity)
+
+    async def _send(self, identity: bytes, kind: Kind, header: dict[str, Any], buffers: Any = ()) -> None:
+        try:
+            await transport.send(self.sock, kind, header, buffers, to=identity)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone; the heartbeat will notice
+            log.debug("send to %r failed: %s", identity, exc)
+
+    async def _on_message(self, identity: bytes, kind: Kind, header: dict[str, Any], buffers: Any) -> None:
+        rank = header.get("rank")
+        agent = self.agents.get(rank) if isinstance(rank, int) else None
+        if agent is not None and agent.identity == identity:
+            agent.last_seen = time.monotonic()
+        if kind is Kind.CONFIG:
+            await self._send(identity, Kind.CONFIG, self._agent_config())
+        elif kind is Kind.REGISTER:
+            await self._on_register(identity, header)
+        elif kind is Kind.PING:
+            await self._send(identity, Kind.PONG, {})
+        elif kind is Kind.RESULT:
+            batch = self.pending.get(header.get("id", -1))
+            if batch is not None:
+                batch.on_reply(header, buffers)
+        elif kind in (Kind.FAILED, Kind.EXIT):
+            what = "failed" if kind is Kind.FAILED else "exited"
+            who = f"rank {rank}" if isinstance(rank, int) else "agent startup process"
+            detail = header.get("error", "")
+            reason = f"Agent {who} {what}{': ' + detail if detail else ''}"
+            if agent is not None and agent.identity == identity:
+                self._fail(reason)  # a member of the current group left
+            elif not self.ever_ready and kind is Kind.FAILED:
+                self._fail(reason)  # a start failure fails the first start
+            else:
+                log.info("ignoring '%s' from a peer outside the current group", reason)
+
+    def _agent_config(self) -> dict[str, Any]:
+        if not self._config_ok:
+            return {"error": "the distributed worker is not ready to give agent configs yet"}
+        return {"servable": self.spec.name, "rank_size": self.dist.rank_size, "stage_size": self.dist.stage_size,
+                "shard": self.dist.shard, "shard_options": self.dist.shard_options,
+                "with_batch_dim": self.model.with_batch_dim, "ranks": [[r.ip, r.device_id] for r in self.ranks],
+                "store_port": self.store.port, "generation": self.generation, "heartbeat": self.heartbeat}
+
+    async def _on_register(self, identity: bytes, header: dict[str, Any]) -> None:
+        rank, generation = header.get("rank"), header.get("generation")
+        if not isinstance(rank, int) or not 0 <= rank < self.dist.rank_size:
+            await self._send(identity, Kind.EXIT, {"final": True, "error": "Invalid rank id"})
+            return
+        if generation != self.generation or self.state is PoolState.READY:
+            # a late joiner of an old generation: it must leave and come back for the current one
+            await self._send(identity, Kind.EXIT, {"final": False, "error": "Distributed servable has ended up "
+                                                                            "registration"})
+            return
+        self.agents[rank] = AgentHandle(rank, identity, int(header.get("pid", 0)))
+        log.info("agent rank %d registered (pid %s, generation %d), %d/%d", rank, header.get("pid"),
+                 self.generation, len(self.agents), self.dist.rank_size)
+        if len(self.agents) == self.dist.rank_size:
+            self.state = PoolState.READY
+            self.failure = ""
+            log.info("all %d agents ready (generation %d)", self.dist.rank_size, self.generation)
+            self.ready_event.set()
+            if self.ever_ready:
+                self.on_recovered()
+            self.ever_ready = True
+
+    def _fail(self, reason: str) -> None:
+        """An Agent is lost: fail in-flight batches, tell the others to leave, open the next generation."""
+        if self.state is PoolState.STOPPED:
+            return
+        was_ready = self.state is PoolState.READY
+        log.error("%s; the servable is unavailable until all agents re-join", reason)
+        self.failure = reason
+        error = Unavailable(f"servable is not available: {reason}")
+        for batch in list(self.pending.values()):
+            batch.fail(error)
+        self.pending.clear()
+        survivors = list(self.agents.values())
+        self.agents.clear()
+        self.generation += 1
+        self.state = PoolState.WAITING
+        self.ready_event.clear()
+        for agent in survivors:
+            asyncio.get_running_loop().create_task(
+                self._send(agent.identity, Kind.EXIT, {"final": False, "error": reason}))
+        if was_ready:
+            self.on_failure(reason)
+        elif not self.ever_ready:
+            self.ready_event.set()  # wake wait_ready: a failure during the first start fails the start
+
+    async def _heartbeat_loop(self) -> None:
+        interval, timeout = self.heartbeat["interval_s"], self.heartbeat["timeout_s"]
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for agent in list(self.agents.values()):
+                if now - agent.last_seen > timeout:
+                    self._fail(f"Agent rank {agent.rank} (pid {agent.pid}) missed heartbeats for {timeout:.1f} s")
+                    break
+                await self._send(agent.identity, Kind.PING, {})
+
+    # -- data plane -----------------------------------------------------------------------------------------
+    async def predict(self, instances: list[list[Value]]) -> list[list[Value] | ServingError]:
+        if self.state is not PoolState.READY:
+            raise Unavailable(f"servable is not available: {self.failure or 'agents are not ready'}")
+        batch_id = next(self._ids)
+        batch = _Batch(self.dist.rank_size, len(instances))
+        self.pending[batch_id] = batch
+        buffers: list[Any] = []
+        encoded = [[encode_value(v, buffers) for v in inst] for inst in instances]
+        tp = self.dist.tp_size
+        try:
+            for rank in range(self.dist.rank_size):
+                agent = self.agents[rank]
+                if rank < tp:  # stage 0 gets the inputs; later stages get them from upstream
+                    await self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "instances": encoded}, buffers)
+                else:
+                    await self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "count": len(instances)})
+            return await batch.future
+        finally:
+            self.pending.pop(batch_id, None)
+
+    async def close(self) -> None:
+        """Tell every Agent the servable is going away for good."""
+        self.state = PoolState.STOPPED
+        for agent in self.agents.values():
+            await self._send(agent.identity, Kind.EXIT, {"final": True})
+        for task in self._tasks:
+            task.cancel()
+        self.sock.close(linger=500)
+
+
+class _Batch:
+    """Collects the replies of every rank for one batch; the output rank's carries the outputs."""
+
+    def __init__(self, rank_size: int, count: int) -> None:
+        self.waiting = set(range(rank_size))
+        self.count = count
+        self.outputs: list[list[Value] | ServingError] | None = None
+        self.error: ServingError | None = None
+        self.future: asyncio.Future[list[list[Value] | ServingError]] = asyncio.get_running_loop().create_future()
+
+    def on_reply(self, header: dict[str, Any], buffers: Any) -> None:
+        rank = header.get("rank")
+        self.waiting.discard(rank)  # type: ignore[arg-type]
+        if "error" in header and self.error is None:
+            self.error = ServingError.from_wire(header["error"])
+            self.error.message = f"Error happened on get result of rank {rank}: {self.error.message}"
+        if "results" in header:
+            try:
+                self.outputs = [ServingError.from_wire(r["error"]) if "error" in r else
+                                [decode_value(v, buffers) for v in r["ok"]] for r in header["results"]]
+            except ServingError as exc:
+                self.error = exc
+        if not self.waiting and not self.future.done():
+            if self.error is not None:
+                self.future.set_exception(self.error)
+            elif self.outputs is None or len(self.outputs) != self.count:
+                self.future.set_exception(ServingError("the output rank returned no result for the batch"))
+            else:
+                self.future.set_result(self.outputs)
+
+    def fail(self, error: ServingError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class DistributedBackend:
+    """`Backend` for the batcher: hands a batch to the pool on the Worker's loop and waits for it."""
+
+    def __init__(self, pool: AgentPool, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+        self.batch_size = pool.model.max_batch_size
+
+    def check_instance(self, values: list[Value]) -> list[Value]:
+        return values
+
+    def run(self, instances: list[list[Value]]) -> list[list[Value] | ServingError]:
+        fut: Future[list[list[Value] | ServingError]] = asyncio.run_coroutine_threadsafe(
+            self.pool.predict(instances), self.loop)
+        return fut.result()

@@ -1,0 +1,105 @@
+"""Cross-request batching in front of one model (local or distributed).
+
+Instances from concurrent requests are queued; a runner thread takes the first, then waits at most
+``max_batch_delay_ms`` for more, up to the model's batch size, and runs them in one call. It never pads
+with fake instances (a static-shape program pads itself in `LocalModel`). ``concurrency`` runner threads
+allow several batches in flight (pipeline inference: one per stage).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Protocol
+
+from servable_framework.errors import ServingError
+from servable_framework.wire import Value
+
+log = logging.getLogger(__name__)
+
+Outputs = list[Value]
+
+
+class Backend(Protocol):
+    batch_size: int
+
+    def check_instance(self, values: list[Value]) -> list[Value]: ...
+
+    def run(self, instances: list[list[Value]]) -> list[Outputs | ServingError]: ...
+
+
+class ModelBatcher:
+    """Owns the queue and the runner threads of one model. Thread-safe ``submit``."""
+
+    def __init__(self, backend: Backend, name: str, max_batch_delay_ms: float, concurrency: int = 1) -> None:
+        self.backend = backend
+        self.name = name
+        self.delay_s = max_batch_delay_ms / 1000.0
+        self._queue: queue.Queue[tuple[list[Value], Future[Outputs]] | None] = queue.Queue()
+        self._lock = threading.Lock()  # one thread gathers at a time, so batches are formed in FIFO order
+        self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+                         for i in range(concurrency)]
+        self.batches_run = 0
+        self.instances_run = 0
+        for t in self._threads:
+            t.start()
+
+    def submit(self, instances: list[list[Value]]) -> list[Future[Outputs]]:
+        """Queue instances (validated first: a bad one fails alone); returns one future per instance."""
+        futures: list[Future[Outputs]] = []
+        for values in instances:
+            fut: Future[Outputs] = Future()
+            try:
+                checked = self.backend.check_instance(values)
+            except ServingError as exc:
+                fut.set_exception(exc)
+            else:
+                self._queue.put((checked, fut))
+            futures.append(fut)
+        return futures
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _gather(self) -> list[tuple[list[Value], Future[Outputs]]] | None:
+        with self._lock:
+            first = self._queue.get()
+            if first is None:
+                return None
+            batch = [first]
+            deadline = time.monotonic() + self.delay_s
+            while len(batch) < self.backend.batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # leave the stop marker for the loop
+                    break
+                batch.append(item)
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._gather()) is not None:
+            live = [(v, f) for v, f in batch if f.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            try:
+                results = self.backend.run([v for v, _ in live])
+            except ServingError as exc:
+                results = [exc] * len(live)
+            except Exception as exc:  # a model failure fails its batch, never the thread
+                log.exception("model %s failed on a batch of %d", self.name, len(live))
+                results = [ServingError(f"{type(exc).__name__}: {exc}")] * len(live)
+            self.batches_run += 1
+            self.instances_run += len(live)
+            for (_, fut), res in zip(live, results):
+                if isinstance(res, ServingError):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)

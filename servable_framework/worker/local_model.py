@@ -1,0 +1,141 @@
+"""Local PyTorch models: load a `.pt2` program or a module + safetensors, and run a batch of instances.
+
+Loading never uses unrestricted ``torch.load``: ``.pt2`` goes through ``torch.export.load`` and module
+weights through ``safetensors.torch.load_file``. With ``with_batch_dim`` the instances are concatenated
+along dim 0 at their real count (no padding) when the program's batch dim is dynamic; a program exported
+with a static batch B is padded with copies of the first instance (contract §4.2) and sliced back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from servable_framework.errors import InvalidInput
+from servable_framework.servable.spec import ModelSpec
+from servable_framework.wire import Value
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DYNAMIC_BATCH = 8
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    dtype: np.dtype[Any]
+    shape: tuple[int | None, ...]  # None = dynamic dim
+
+
+class LocalModel:
+    """One loaded model on one device. ``run(instances)`` is called by the model's batching thread only."""
+
+    def __init__(self, spec: ModelSpec, version_dir: str, device: torch.device) -> None:
+        self.spec = spec
+        self.device = device
+        paths = [os.path.join(version_dir, f) for f in spec.files]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise RuntimeError(f"Load model failed, servable directory: {version_dir}, model file '{path}' "
+                                   f"not exist")
+        try:
+            self.module, self.inputs = self._load(paths[0])
+        except Exception as exc:
+            raise RuntimeError(f"Load model failed, servable directory: {version_dir}, {exc}") from exc
+        self.static_batch = self._static_batch()
+        self.batch_size = self._batch_size()
+        if self.inputs is not None and spec.inputs_count is not None and len(self.inputs) != spec.inputs_count:
+            raise RuntimeError(f"The inputs count {spec.inputs_count} in register_method not equal to the count "
+                               f"{len(self.inputs)} defined in model")
+
+    def _load(self, path: str) -> tuple[Any, list[InputInfo] | None]:
+        if self.spec.model_format == "TorchExport":
+            program = torch.export.load(path)
+            infos = []
+            for node in program.graph.nodes:
+                if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
+                    val = node.meta["val"]
+                    shape = tuple(int(d) if isinstance(d, int) else None for d in val.shape)
+                    infos.append(InputInfo(np.dtype(str(val.dtype).removeprefix("torch.")), shape))
+            return program.module().to(self.device), infos
+        from safetensors.torch import load_file
+
+        assert self.spec.module_factory is not None
+        module = self.spec.module_factory()
+        module.load_state_dict(load_file(path), strict=True)
+        if self.spec.device_dtype:
+            module = module.to(getattr(torch, self.spec.device_dtype))
+        return module.to(self.device).eval(), None
+
+    def _static_batch(self) -> int | None:
+        if not self.spec.with_batch_dim or self.inputs is None:
+            return None
+        dims = {info.shape[0] for i, info in enumerate(self.inputs)
+                if i not in self.spec.without_batch_dim_inputs and info.shape}
+        if len(dims) == 1 and None not in dims:
+            return int(dims.pop())  # type: ignore[arg-type]
+        return None
+
+    def _batch_size(self) -> int:
+        if not self.spec.with_batch_dim:
+            return 1
+        if self.spec.max_batch_size:
+            return min(self.spec.max_batch_size, self.static_batch or self.spec.max_batch_size)
+        return self.static_batch or DEFAULT_DYNAMIC_BATCH
+
+    def check_instance(self, values: list[Value]) -> list[Value]:
+        """Per-instance validation before batching (contract §4.3); returns the values reshaped."""
+        if self.inputs is None:
+            return values
+        if len(values) < len(self.inputs):
+            raise InvalidInput(f"Given model inputs size {len(values)} less than model inputs size {len(self.inputs)}")
+        out: list[Value] = []
+        for i, (value, info) in enumerate(zip(values, self.inputs)):
+            if not isinstance(value, np.ndarray):
+                raise InvalidInput(f"Given model input {i} data type {type(value).__name__} not match the data type "
+                                   f"{info.dtype.name} defined in model")
+            if value.dtype != info.dtype:
+                raise InvalidInput(f"Given model input {i} data type {value.dtype.name} not match the data type "
+                                   f"{info.dtype.name} defined in model")
+            shape = info.shape[1:] if self._has_batch_dim(i) else info.shape
+            if None not in shape:
+                expected = int(np.prod(shape, dtype=np.int64)) * info.dtype.itemsize
+                if value.nbytes != expected:
+                    raise InvalidInput(f"Given model input {i} size {value.nbytes} not match the size {expected} "
+                                       f"defined in model")
+                value = value.reshape(shape)  # only byte size is checked, like MindSpore (§4.2)
+            out.append(value)
+        return out
+
+    def _has_batch_dim(self, index: int) -> bool:
+        return self.spec.with_batch_dim and index not in self.spec.without_batch_dim_inputs
+
+    @torch.inference_mode()
+    def run(self, instances: list[list[Value]]) -> list[list[Value]]:
+        """Run up to ``batch_size`` instances in one call; returns one output list per instance."""
+        n = len(instances)
+        if not self.spec.with_batch_dim:
+            return [self._forward(inst) for inst in instances]
+        pad = (self.static_batch - n) if self.static_batch else 0
+        batch = []
+        for i in range(len(instances[0])):
+            if not self._has_batch_dim(i):
+                batch.append(instances[0][i])
+                continue
+            parts = [np.asarray(inst[i])[None] for inst in instances] + [np.asarray(instances[0][i])[None]] * pad
+            batch.append(np.concatenate(parts, axis=0))
+        outputs = self._forward(batch)
+        return [[o[j] for o in outputs] for j in range(n)]  # type: ignore[index]
+
+    def _forward(self, values: list[Value]) -> list[Value]:
+        args = [torch.from_numpy(np.array(v)).to(self.device) for v in values]
+        result = self.module(*args)
+        results = result if isinstance(result, (tuple, list)) else [result]
+        if self.spec.outputs_count is not None and len(results) != self.spec.outputs_count:
+            raise RuntimeError(f"The outputs count {self.spec.outputs_count} in register_method not equal to the "
+                               f"count {len(results)} defined in model")
+        return [r.detach().cpu().numpy() for r in results]

@@ -1,0 +1,238 @@
+"""The Worker process: one servable version. Imports ``servable_config.py``, loads its models (or drives
+its Agents when the servable is distributed), registers with Main, then serves PREDICT messages.
+
+Ordering: the socket to Main is connected *before* anything can fail, so a start failure reaches Main as a
+FAILED message with the original error text (Main raises ``Fail to start workers: ...``).
+Requests run in a thread pool (Python stages in parallel, model stages batched by `ModelBatcher`); the
+asyncio loop only moves messages and answers heartbeats, so a long model call never delays a PONG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from servable_framework import procs, transport
+from servable_framework.errors import InvalidInput, ServingError
+from servable_framework.logs import setup_logging
+from servable_framework.servable.loader import LoadedServable, load_servable, resolve_version
+from servable_framework.wire import Kind, Value, decode_instances, encode_instances, unpack
+from servable_framework.worker.batcher import ModelBatcher
+from servable_framework.worker.pipeline import MethodRunner
+
+log = logging.getLogger("servable_framework.worker")
+
+REQUEST_THREADS = 16
+
+
+class Worker:
+    def __init__(self, payload: dict[str, Any]) -> None:
+        self.payload = payload
+        self.worker_id: str = payload["worker_id"]
+        self.ctx = zmq.asyncio.Context()
+        self.sock = transport.async_socket(self.ctx, zmq.DEALER, identity=self.worker_id.encode())
+        self.sock.connect(payload["main_address"])
+        self.pool = ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix="request")
+        self.runner: MethodRunner | None = None
+        self.agents: Any = None  # AgentPool for distributed servables
+        self.batchers: dict[str, ModelBatcher] = {}
+        self.last_ping = time.monotonic()
+        self.stopping = asyncio.Event()
+        self.register_header: dict[str, Any] = {}
+
+    async def start(self) -> None:
+        p = self.payload
+        loaded = load_servable(p["servable_directory"], p["servable_name"])
+        dist_model = loaded.spec.distributed_model
+        if dist_model is not None:
+            from servable_framework.worker.agent_pool import AgentPool, DistributedBackend
+
+            self.agents = AgentPool(self.ctx, loaded.spec, p["distributed"], p["heartbeat"], self._agents_failed,
+                                    self._agents_recovered)
+            await self.agents.start()  # opens distributed_address first, then checks the rank table
+            await self.agents.wait_ready()
+            backend = DistributedBackend(self.agents, asyncio.get_running_loop())
+            concurrency = dist_model.distributed.stage_size if dist_model.distributed and \
+                dist_model.distributed.enable_pipeline_infer else 1
+            self.batchers[dist_model.key] = ModelBatcher(backend, dist_model.key, dist_model.max_batch_delay_ms,
+                                                         concurrency)
+        else:
+            p["version"] = resolve_version(p["servable_directory"], p["servable_name"], p["version"],
+                                           has_models=bool(loaded.spec.models))
+            self._load_local(loaded)
+        self._bind_handles(loaded)
+        self.runner = MethodRunner(loaded.spec, self.batchers)
+        self.register_header = {
+            "worker_id": self.worker_id, "pid": os.getpid(), "servable": loaded.spec.name,
+            "version": p["version"], "methods": {name: m.input_names for name, m in loaded.spec.methods.items()},
+            "batch_size": max((b.backend.batch_size for b in self.batchers.values()), default=1)}
+        await transport.send(self.sock, Kind.REGISTER, self.register_header)
+        log.info("servable '%s' version %d ready, methods: %s", loaded.spec.name, p["version"],
+                 sorted(self.register_header["methods"]))
+
+    def _load_local(self, loaded: LoadedServable) -> None:
+        import torch
+
+        from servable_framework.worker.local_model import LocalModel
+
+        p = self.payload
+        device = torch.device("cpu")
+        if p.get("device_id") is not None and p.get("device_type") in (None, "gpu") and torch.cuda.is_available():
+            device = torch.device("cuda", p["device_id"])
+        version_dir = os.path.join(p["servable_directory"], p["servable_name"], str(p["version"]))
+        for spec in loaded.spec.models:
+            t0 = time.perf_counter()
+            model = LocalModel(spec, version_dir, device)
+            log.info("loaded model '%s' (%s) on %s in %.2f s, batch size %d", spec.key, spec.model_format, device,
+                     time.perf_counter() - t0, model.batch_size)
+            self.batchers[spec.key] = ModelBatcher(model, spec.key, spec.max_batch_delay_ms)
+
+    def _bind_handles(self, loaded: LoadedServable) -> None:
+        """Make ``Model.call`` usable from stage functions: it goes through the same batcher."""
+        for handle in loaded.handles:
+            batcher = self.batchers[handle.spec.key]
+
+            def call(instances: list[list[Any]], batcher: ModelBatcher = batcher) -> list[list[Value]]:
+                futures = batcher.submit([[_as_value(v) for v in inst] for inst in instances])
+                out = []
+                for fut in futures:
+                    try:
+                        out.append(fut.result())
+                    except ServingError as exc:
+                        raise RuntimeError(exc.message) from None
+                return out
+
+            handle._runner = call
+
+    async def serve(self) -> None:
+        watchdog = asyncio.create_task(self._watch_main())
+        recv = asyncio.create_task(self._recv_loop())
+        await self.stopping.wait()
+        recv.cancel()
+        watchdog.cancel()
+
+    async def _recv_loop(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            try:
+                kind, header, buffers = unpack([f.buffer for f in frames])
+            except InvalidInput as exc:
+                log.warning("dropping malformed message from Main: %s", exc)
+                continue
+            if kind is Kind.PING:
+                self.last_ping = time.monotonic()
+                await transport.send(self.sock, Kind.PONG, {"worker_id": self.worker_id})
+            elif kind is Kind.PREDICT:
+                asyncio.create_task(self._predict(header, buffers, frames))
+            elif kind is Kind.EXIT:
+                log.info("Main asked this worker to exit")
+                self.stopping.set()
+
+    async def _predict(self, header: dict[str, Any], buffers: Any, frames: Any) -> None:
+        request_id = header.get("id")
+        try:
+            instances = decode_instances(header.get("instances"), buffers)
+            assert self.runner is not None
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self.runner.run, str(header.get("method")), instances)
+        except ServingError as exc:
+            await transport.send(self.sock, Kind.RESULT, {"id": request_id, "error": exc.to_wire()})
+            return
+        except Exception as exc:  # a bug in the framework: report it, keep serving
+            log.exception("request %s failed", request_id)
+            await transport.send(self.sock, Kind.RESULT, {"id": request_id,
+                                                          "error": ServingError(f"System error: {exc}").to_wire()})
+            return
+        out_buffers: list[Any] = []
+        encoded = []
+        for res in results:
+            if isinstance(res, ServingError):
+                encoded.append({"error": res.to_wire()})
+            else:
+                try:
+                    encoded.append({"ok": encode_instances([res], out_buffers)[0]})
+                except ServingError as exc:
+                    encoded.append({"error": exc.to_wire()})
+        del frames  # input buffers may be released only now: stages may have kept zero-copy views
+        await transport.send(self.sock, Kind.RESULT, {"id": request_id, "results": encoded}, out_buffers)
+
+    async def _watch_main(self) -> None:
+        """Main pings every interval; silence beyond the timeout means Main is wedged or gone."""
+        hb = self.payload["heartbeat"]
+        while True:
+            await asyncio.sleep(hb["interval_s"])
+            if time.monotonic() - self.last_ping > hb["timeout_s"]:
+                log.error("no heartbeat from Main for %.1f s, exiting", hb["timeout_s"])
+                self.stopping.set()
+                return
+
+    def _agents_failed(self, reason: str) -> None:
+        """Called by the AgentPool when an Agent dies or goes silent: tell Main now, then keep serving errors."""
+        asyncio.get_running_loop().create_task(
+            transport.send(self.sock, Kind.FAILED, {"worker_id": self.worker_id, "error": reason, "fatal": False}))
+
+    def _agents_recovered(self) -> None:
+        """All Agents re-joined: register again, Main routes to this Worker again."""
+        log.info("agents recovered, servable available again")
+        asyncio.get_running_loop().create_task(transport.send(self.sock, Kind.REGISTER, self.register_header))
+
+    async def close(self) -> None:
+        if self.agents is not None:
+            await self.agents.close()
+        for batcher in self.batchers.values():
+            batcher.close()
+        try:
+            await asyncio.wait_for(transport.send(self.sock, Kind.EXIT, {"worker_id": self.worker_id}), 1.0)
+        except Exception:  # noqa: BLE001 - Main may be gone already
+            pass
+        self.sock.close(linger=1000)  # let the last FAILED/EXIT frame reach Main
+        self.ctx.term()
+
+
+def _as_value(v: Any) -> Value:
+    from servable_framework.worker.values import from_stage_output
+
+    return from_stage_output(v)
+
+
+async def _amain(payload: dict[str, Any]) -> int:
+    worker = Worker(payload)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stopping.set)
+    procs.watch_parent(lambda: loop.call_soon_threadsafe(worker.stopping.set))
+    start = asyncio.create_task(worker.start())
+    stop = asyncio.create_task(worker.stopping.wait())
+    await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if not start.done():
+        start.cancel()
+        log.info("stopped during start-up")
+        await worker.close()
+        return 1
+    if start.exception() is not None:
+        exc = start.exception()
+        text = exc.message if isinstance(exc, ServingError) else str(exc)
+        log.error("worker start failed: %s", text, exc_info=exc)
+        await transport.send(worker.sock, Kind.FAILED, {"worker_id": worker.worker_id, "error": text, "fatal": True})
+        await worker.close()
+        return 1
+    await worker.serve()
+    await worker.close()
+    return 0
+
+
+def worker_main() -> None:
+    payload = procs.read_payload()
+    setup_logging(f"worker:{payload['servable_name']}")
+    if payload.get("device_id") is not None:
+        os.environ["SERVING_DEVICE_ID"] = str(payload["device_id"])  # user code may read it at import
+    code = asyncio.run(_amain(payload))
+    procs.exit_now(code)
