@@ -35,8 +35,12 @@ from servable_framework.wire import Kind, pack, unpack
 log = logging.getLogger("servable_framework.agent_startup")
 
 
-def fetch_config(address: str, timeout_s: float) -> dict[str, Any]:
-    """Ask the Distributed Worker for the agent config, once a second until ``timeout_s``."""
+def fetch_config(address: str, timeout_s: float, lost: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Ask the Distributed Worker for the agent config, once a second until ``timeout_s``.
+
+    ``lost`` names Agents (rank, pid, error) this process is about to replace: the Worker retires them from
+    the current group *before* answering, so the config always carries the generation to join.
+    """
     ctx = zmq.Context.instance()
     deadline = time.monotonic() + timeout_s
     last_error = "no answer"
@@ -45,7 +49,7 @@ def fetch_config(address: str, timeout_s: float) -> dict[str, Any]:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(transport.zmq_endpoint(address, "distributed"))
         try:
-            sock.send_multipart(pack(Kind.CONFIG, {}))
+            sock.send_multipart(pack(Kind.CONFIG, {"lost": lost or []}))
             if sock.poll(1000):
                 _, header, _ = unpack(sock.recv_multipart())
                 if "error" not in header:
@@ -57,11 +61,12 @@ def fetch_config(address: str, timeout_s: float) -> dict[str, Any]:
                        f"{timeout_s:.0f} s ({last_error}); is serving_server.py running?")
 
 
-def notify_worker(address: str, kind: Kind, error: str) -> None:
+def notify_worker(address: str, kind: Kind, error: str, **fields: Any) -> None:
+    """Fire-and-forget control message to the Distributed Worker (it may be gone: linger bounds the wait)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 500)
     sock.connect(transport.zmq_endpoint(address, "distributed"))
-    sock.send_multipart(pack(kind, {"error": error}))
+    sock.send_multipart(pack(kind, {"error": error, **fields}))
     sock.close()
 
 
@@ -169,7 +174,11 @@ class AgentSupervisor:
             self.stop_all()
             return
         restarts = agent.restarts
+        lost: list[dict[str, Any]] = []
         if code != EXIT_REJOIN:
+            # tell the Worker now, not after its heartbeat timeout: in-flight requests fail at once
+            lost = [{"rank": agent.rank, "pid": agent.child.pid, "error": f"died (exit code {code})"}]
+            notify_worker(self.address, Kind.FAILED, lost[0]["error"], rank=agent.rank, pid=agent.child.pid)
             restarts += 1
             if restarts > self.max_restarts:
                 log.error("rank %d died (code %d) and reached the restart limit %d; stopping this host's agents",
@@ -185,7 +194,7 @@ class AgentSupervisor:
         else:
             log.info("rank %d leaves the broken group; starting it again for the next generation", agent.rank)
         try:
-            self.config = fetch_config(self.address, self.config_timeout_s)
+            self.config = fetch_config(self.address, self.config_timeout_s, lost)
         except RuntimeError as exc:
             log.error("%s; stopping this host's agents", exc)
             self.stop_all()

@@ -133,6 +133,8 @@ class AgentPool:
         if agent is not None and agent.identity == identity:
             agent.last_seen = time.monotonic()
         if kind is Kind.CONFIG:
+            for lost in header.get("lost", []):  # a startup process is about to restart these ranks
+                self._lost(lost.get("rank"), lost.get("pid"), str(lost.get("error", "")))
             await self._send(identity, Kind.CONFIG, self._agent_config())
         elif kind is Kind.REGISTER:
             await self._on_register(identity, header)
@@ -147,12 +149,17 @@ class AgentPool:
             who = f"rank {rank}" if isinstance(rank, int) else "agent startup process"
             detail = header.get("error", "")
             reason = f"Agent {who} {what}{': ' + detail if detail else ''}"
-            if agent is not None and agent.identity == identity:
-                self._fail(reason)  # a member of the current group left
+            if agent is not None and (agent.identity == identity or agent.pid == header.get("pid")):
+                self._fail(reason)  # a member of the current group left (told by itself or by its supervisor)
             elif not self.ever_ready and kind is Kind.FAILED:
                 self._fail(reason)  # a start failure fails the first start
             else:
                 log.info("ignoring '%s' from a peer outside the current group", reason)
+
+    def _lost(self, rank: object, pid: object, error: str) -> None:
+        agent = self.agents.get(rank) if isinstance(rank, int) else None
+        if agent is not None and agent.pid == pid:
+            self._fail(f"Agent rank {rank} (pid {pid}) {error or 'was lost'}")
 
     def _agent_config(self) -> dict[str, Any]:
         if not self._config_ok:
