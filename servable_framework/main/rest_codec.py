@@ -391,11 +391,10 @@ def _check_row(row: list[Any], leaf_type: type) -> None:
 
 def _to_int32(values: list[int], shape: list[int]) -> np.ndarray:
     try:
-        wide = np.array(values, dtype=np.int64)
-        in_range = bool(wide.min() >= INT32_MIN and wide.max() <= INT32_MAX)
-    except OverflowError:
-        in_range = False
-    if not in_range:
+        wide: np.ndarray | None = np.array(values, dtype=np.int64)
+    except OverflowError:  # beyond int64
+        wide = None
+    if wide is None or wide.min() < INT32_MIN or wide.max() > INT32_MAX:
         bad = next(v for v in values if not INT32_MIN <= v <= INT32_MAX)
         raise _parse_error(f"json value {_quote(str(bad))} is out of int32 range [{INT32_MIN}, {INT32_MAX}]")
     return wide.astype(np.int32).reshape(shape)
