@@ -99,12 +99,12 @@ class Servers:
         return proc
 
     def local(self, servable_dir: Path, name: str, **env: str) -> tuple[Proc, Rest, str]:
-        from tests.support.procs import test_env
+        from tests.support.procs import child_env
 
         rest_port, zmq_port = free_port(), free_port()
         proc = self.start(["-m", "tests.support.serve", "local", "--dir", str(servable_dir), "--name", name,
                            "--rest", f"127.0.0.1:{rest_port}", "--zmq", f"127.0.0.1:{zmq_port}",
-                           "--device-ids", "0"], f"server-{name}", env=test_env(**env))
+                           "--device-ids", "0"], f"server-{name}", env=child_env(**env))
         rest = Rest(rest_port)
         rest.wait_ready(proc, 90)
         return proc, rest, f"127.0.0.1:{zmq_port}"

@@ -55,7 +55,12 @@ def start_servables(servable_configs: Any, enable_lite: bool = False) -> None:
     m = master.get_master()
     # a distributed servable bounds its own wait (wait_agents_time_in_seconds; 0 = forever)
     timeout = None if waits else m.settings.worker_start_timeout_s
-    m.start_workers(payloads, timeout)
+    try:
+        m.start_workers(payloads, timeout)
+    except Exception:
+        if not m.workers.workers and m.rest is None and m.zmq is None:
+            m.stop()  # nothing else runs in this Main: do not keep the process alive after the error
+        raise
 
 
 def _worker_payloads(cfg: ServableStartConfig | DistributedStartConfig) -> list[tuple[dict[str, Any], str]]:

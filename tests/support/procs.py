@@ -29,7 +29,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "SERVABLE_TEST_SESSION": SESSION_ID, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -72,7 +72,7 @@ class Proc:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen([PYTHON, *args], cwd=cwd, env=env or test_env(), stdout=self._log,
+        self.popen = subprocess.Popen([PYTHON, *args], cwd=cwd, env=env or child_env(), stdout=self._log,
                                       stderr=subprocess.STDOUT)
 
     @property
