@@ -282,12 +282,16 @@ def register_method(output_names: str | list[str] | tuple[str, ...]) -> Callable
     The function body runs once now, with placeholders, to record its stages; ordinary Python control flow
     therefore runs at import time only (put data-dependent logic inside a stage function). The decorator
     returns the function unchanged.
+
+    Beyond MindSpore: a parameter with a default (None, str, int, float or bool) is an *optional* input; a
+    request may omit it and stage functions then receive the default as is.
     """
     names = checks.check_str_list("output_names", output_names)
 
     def deco(func: F) -> F:
         builder = current_builder()
-        method = MethodSpec(name=func.__name__, input_names=_input_names(func), output_names=names)
+        method = MethodSpec(name=func.__name__, input_names=_input_names(func), output_names=names,
+                            defaults=_defaults(func))
         if method.name in builder.spec.methods:
             raise RuntimeError(f"Method {method.name} has been registered more than once.")
         builder.method = method
@@ -307,6 +311,17 @@ def register_method(output_names: str | list[str] | tuple[str, ...]) -> Callable
         return func
 
     return deco
+
+
+def _defaults(func: Callable[..., Any]) -> dict[str, Any]:
+    out = {}
+    for p in inspect.signature(func).parameters.values():
+        if p.default is p.empty:
+            continue
+        if p.default is not None and not isinstance(p.default, (str, int, float, bool)):
+            raise RuntimeError(f"'{func.__name__}' input {p.name}: a default must be None, str, int, float or bool")
+        out[p.name] = p.default
+    return out
 
 
 def _input_names(func: Callable[..., Any]) -> list[str]:

@@ -78,6 +78,11 @@ class MethodSpec:
     output_names: list[str]
     stages: list[StageSpec] = field(default_factory=list)
     returns: list[TensorDef] = field(default_factory=list)
+    defaults: dict[str, Any] = field(default_factory=dict)  # optional inputs -> value used when absent
+
+    @property
+    def required_inputs(self) -> list[str]:
+        return [n for n in self.input_names if n not in self.defaults]
 
 
 @dataclass

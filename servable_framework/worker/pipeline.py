@@ -16,7 +16,7 @@ from servable_framework.errors import InvalidInput, NotFound, ServingError
 from servable_framework.servable.spec import MethodSpec, ServableSpec, StageSpec
 from servable_framework.wire import Instance, Value
 from servable_framework.worker.batcher import ModelBatcher
-from servable_framework.worker.values import split_outputs, to_stage_input
+from servable_framework.worker.values import StageOutputError, split_outputs, to_stage_input
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,11 @@ class MethodRunner:
             raise InvalidInput("Instances count of request cannot be 0")
         slots = []
         for inst in instances:
-            for name in method.input_names:
+            for name in method.required_inputs:
                 if name not in inst:
                     raise InvalidInput(f"Cannot find input {name} in instance input , servable {self.spec.name}, "
                                        f"method {method.name}")
-            slots.append(_Slot([inst[name] for name in method.input_names]))
+            slots.append(_Slot([inst.get(name, method.defaults.get(name)) for name in method.input_names]))
         for k, stage in enumerate(method.stages, start=1):
             live = [s for s in slots if s.error is None]
             if not live:
@@ -74,10 +74,14 @@ class MethodRunner:
                 for s in slots]
 
     def _fail(self, method: MethodSpec, k: int, stage: StageSpec, exc: BaseException) -> ServingError:
+        """Wrap a stage failure in MindSpore's text. ValueError/TypeError/KeyError raised by user code mean
+        "bad input" by convention and become `InvalidInput` (HTTP 400); anything else is a server error."""
         text = exc.message if isinstance(exc, ServingError) else str(exc)
         log.debug("stage %d of %s failed", k, method.name, exc_info=exc)
-        return ServingError(f"Call {stage.tag} Failed, method: '{method.name}', stage index(begin with 1): {k}, "
-                            f"error msg: {text}")
+        cls: type[ServingError] = type(exc) if isinstance(exc, ServingError) else \
+            InvalidInput if isinstance(exc, (ValueError, TypeError, KeyError)) else ServingError
+        return cls(f"Call {stage.tag} Failed, method: '{method.name}', stage index(begin with 1): {k}, "
+                   f"error msg: {text}")
 
     def _run_function(self, method: MethodSpec, k: int, stage: StageSpec, slot: _Slot) -> None:
         assert stage.function is not None
@@ -98,13 +102,13 @@ class MethodRunner:
                 result: Any = stage.function(args)
                 items = result if inspect.isgenerator(result) or isinstance(result, (list, tuple)) else None
                 if items is None:
-                    raise TypeError(f"a batched function must return or yield one result per instance, "
+                    raise StageOutputError(f"a batched function must return or yield one result per instance, "
                                     f"got {type(result)}")
                 for slot, item in zip(chunk, items):
                     slot.values[k] = split_outputs(item, stage.outputs_count)
                     done += 1
                 if done < len(chunk):
-                    raise TypeError(f"the function returned {done} results for {len(chunk)} instances")
+                    raise StageOutputError(f"the function returned {done} results for {len(chunk)} instances")
             except Exception as exc:
                 error = self._fail(method, k, stage, exc)
                 for slot in chunk[done:]:

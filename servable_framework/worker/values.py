@@ -9,8 +9,13 @@ import numpy as np
 from servable_framework.wire import DTYPES, Value
 
 
-def to_stage_input(value: Value) -> Any:
-    """Numeric tensors as ndarray (0-d for scalars), str as str, bytes as a 1-D uint8 array."""
+class StageOutputError(RuntimeError):
+    """A stage function returned something unusable: a servable bug, not bad input."""
+
+
+def to_stage_input(value: Value | None) -> Any:
+    """Numeric tensors as ndarray (0-d for scalars), str as str, bytes as a 1-D uint8 array; an absent
+    optional input is its default, passed as is."""
     if isinstance(value, bytes):
         return np.frombuffer(value, dtype=np.uint8)
     return value
@@ -20,7 +25,7 @@ def from_stage_output(value: Any) -> Value:
     """Normalise one value returned by a stage function; raises TypeError for unsupported types."""
     if isinstance(value, np.ndarray):
         if value.dtype.name not in DTYPES:
-            raise TypeError(f"output data type {value.dtype} is not supported")
+            raise StageOutputError(f"output data type {value.dtype} is not supported")
         return np.ascontiguousarray(value)
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
@@ -38,7 +43,7 @@ def from_stage_output(value: Any) -> Value:
         return from_stage_output(value.detach().cpu().numpy())
     if hasattr(value, "asnumpy"):
         return from_stage_output(value.asnumpy())
-    raise TypeError(f"output type {type(value)} is not supported, expected numpy array, str, bytes, bool, int, "
+    raise StageOutputError(f"output type {type(value)} is not supported, expected numpy array, str, bytes, bool, int, "
                     f"float or torch.Tensor")
 
 
@@ -47,7 +52,7 @@ def split_outputs(result: Any, count: int) -> list[Value]:
     if count == 1 and not (isinstance(result, (tuple, list)) and len(result) == 1):
         return [from_stage_output(result)]
     if not isinstance(result, (tuple, list)):
-        raise TypeError(f"the function returned {type(result)}, expected {count} outputs")
+        raise StageOutputError(f"the function returned {type(result)}, expected {count} outputs")
     if len(result) != count:
-        raise TypeError(f"the function returned {len(result)} outputs, expected {count}")
+        raise StageOutputError(f"the function returned {len(result)} outputs, expected {count}")
     return [from_stage_output(v) for v in result]

@@ -72,7 +72,7 @@ class Worker:
         self.runner = MethodRunner(loaded.spec, self.batchers)
         self.register_header = {
             "worker_id": self.worker_id, "pid": os.getpid(), "servable": loaded.spec.name,
-            "version": p["version"], "methods": {name: m.input_names for name, m in loaded.spec.methods.items()},
+            "version": p["version"], "methods": {name: m.required_inputs for name, m in loaded.spec.methods.items()},
             "batch_size": max((b.backend.batch_size for b in self.batchers.values()), default=1)}
         await transport.send(self.sock, Kind.REGISTER, self.register_header)
         log.info("servable '%s' version %d ready, methods: %s", loaded.spec.name, p["version"],

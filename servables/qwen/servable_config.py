@@ -1,0 +1,161 @@
+"""The `qwen` servable: Qwen2.5-VL (image + text -> text) with the model split over distributed Agents.
+
+Preprocess (chat template, ``qwen_vl_utils.process_vision_info``, the Qwen2.5-VL processor) and postprocess
+(decode) run in the Worker; generation runs on the Agents (``agents/qwen2_5_vl.py``: TP inside a stage,
+pipeline stages across). Method ``predict``; every input but one of ``prompt`` / ``messages`` is optional::
+
+    {"instances": [{"prompt": "Describe the image.", "image": {"b64": "<png or jpeg bytes>"},
+                    "max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "seed": 1}]}
+    {"instances": [{"messages": "[{\\"role\\": \\"user\\", \\"content\\": [{\\"type\\": \\"text\\", ...}]}]"}]}
+    -> {"instances": [{"text": "..."}]}
+
+``messages`` is a JSON string of OpenAI-style chat messages; image parts are ``{"type": "image_url",
+"image_url": {"url": "data:image/png;base64,..."}}`` (only ``data:`` URLs: the server never reads files or
+the network on a client's behalf). Greedy decoding unless ``temperature > 0``.
+
+Deployment knobs (environment, read when this file is imported by the Worker):
+``QWEN_CHECKPOINT`` (default: the tiny offline model, built on first use under ``tiny_models/``),
+``QWEN_RANK_SIZE`` (2), ``QWEN_STAGE_SIZE`` (1), ``QWEN_MAX_NEW_TOKENS`` (default 64),
+``QWEN_MAX_NEW_TOKENS_CAP`` (512), ``QWEN_MAX_BATCH_SIZE`` (8), ``QWEN_MAX_BATCH_DELAY_MS`` (5).
+"""
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from servable_framework.server import distributed, register
+
+from .tiny_model import build_tiny_qwen
+from .vision_compat import load_processor, process_vision_info
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKPOINT = os.environ.get("QWEN_CHECKPOINT") or str(build_tiny_qwen(REPO / "tiny_models"))
+DEFAULT_MAX_NEW_TOKENS = int(os.environ.get("QWEN_MAX_NEW_TOKENS", "64"))
+MAX_NEW_TOKENS_CAP = int(os.environ.get("QWEN_MAX_NEW_TOKENS_CAP", "512"))
+
+processor = load_processor(CHECKPOINT)
+
+model = distributed.declare_servable(
+    rank_size=int(os.environ.get("QWEN_RANK_SIZE", "2")),
+    stage_size=int(os.environ.get("QWEN_STAGE_SIZE", "1")),
+    with_batch_dim=True,
+    shard="qwen2_5_vl",
+    max_batch_size=int(os.environ.get("QWEN_MAX_BATCH_SIZE", "8")),
+    max_batch_delay_ms=float(os.environ.get("QWEN_MAX_BATCH_DELAY_MS", "5")),
+)
+
+
+def _scalar(value, name, kind, default):
+    if value is None:
+        return default
+    arr = np.asarray(value).reshape(-1)
+    if arr.size != 1 or arr.dtype.kind not in "biuf":
+        raise ValueError(f"'{name}' must be a single number")
+    number = arr[0].item()
+    if kind is int and float(number) != int(number):
+        raise ValueError(f"'{name}' must be an integer, got {number}")
+    return kind(number)
+
+
+def _image(data):
+    from PIL import Image, UnidentifiedImageError
+
+    raw = data.tobytes() if isinstance(data, np.ndarray) else data
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()  # decode now: a truncated file fails here, not later in the processor
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"'image' is not a valid PNG/JPEG image: {exc}") from None
+    return img.convert("RGB")
+
+
+def _messages_from_json(text):
+    try:
+        messages = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"'messages' is not valid JSON: {exc}") from None
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty JSON list of chat messages")
+    out = []
+    for msg in messages:
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+            raise ValueError("each message must be an object with role system/user/assistant")
+        content = msg.get("content")
+        if isinstance(content, str):
+            out.append({"role": msg["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise ValueError("message 'content' must be a string or a list of parts")
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind in ("image_url", "image"):
+                url = part.get("image_url", {}).get("url") if kind == "image_url" else part.get("image")
+                if not isinstance(url, str) or not url.startswith("data:image"):
+                    raise ValueError("image parts must carry a data:image/...;base64 URL")
+                import base64
+
+                try:
+                    raw = base64.b64decode(url.split(",", 1)[1], validate=True)
+                except (IndexError, ValueError):
+                    raise ValueError("image data URL is not valid base64") from None
+                parts.append({"type": "image", "image": _image(raw)})
+            else:
+                raise ValueError(f"unsupported message part {str(part)[:80]}")
+        out.append({"role": msg["role"], "content": parts})
+    return out
+
+
+def preprocess(prompt, image, messages, max_new_tokens, temperature, top_p, top_k, seed):
+    """Chat template + vision info + processor -> (input_ids, pixel_values, image_grid_thw, sampling)."""
+    if messages is not None:
+        if prompt is not None or image is not None:
+            raise ValueError("give either 'messages' or 'prompt' (+ 'image'), not both")
+        if not isinstance(messages, str):
+            raise ValueError("'messages' must be a JSON string")
+        chat = _messages_from_json(messages)
+    elif prompt is not None:
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("'prompt' must be a non-empty string")
+        content = ([{"type": "image", "image": _image(image)}] if image is not None else [])
+        chat = [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
+    else:
+        raise ValueError("missing input: give 'prompt' (and optionally 'image') or 'messages'")
+    n_new = _scalar(max_new_tokens, "max_new_tokens", int, DEFAULT_MAX_NEW_TOKENS)
+    if not 1 <= n_new <= MAX_NEW_TOKENS_CAP:
+        raise ValueError(f"max_new_tokens {n_new} is out of range [1, {MAX_NEW_TOKENS_CAP}] (the server cap)")
+    temp = _scalar(temperature, "temperature", float, 0.0)
+    p = _scalar(top_p, "top_p", float, 1.0)
+    k = _scalar(top_k, "top_k", int, 0)
+    s = _scalar(seed, "seed", int, -1)
+    if temp < 0 or not 0 < p <= 1 or k < 0:
+        raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    image_inputs = process_vision_info(chat)[0]
+    inputs = processor(text=[text], images=image_inputs, return_tensors="np")
+    pixel_values = inputs.get("pixel_values")
+    grid = inputs.get("image_grid_thw")
+    patch_dim = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch (for an empty tensor's shape only)
+    return (np.asarray(inputs["input_ids"][0], dtype=np.int64),
+            np.zeros((0, patch_dim), np.float32) if pixel_values is None else np.asarray(pixel_values, np.float32),
+            np.zeros((0, 3), np.int64) if grid is None else np.asarray(grid, np.int64),
+            np.array([n_new, temp, p, k, s], dtype=np.float64))
+
+
+def postprocess(output_ids):
+    return processor.tokenizer.decode(np.asarray(output_ids).tolist(), skip_special_tokens=True)
+
+
+@register.register_method(output_names=["text"])
+def predict(prompt=None, image=None, messages=None, max_new_tokens=None, temperature=None, top_p=None, top_k=None,
+            seed=None):
+    input_ids, pixel_values, grid, sampling = register.add_stage(
+        preprocess, prompt, image, messages, max_new_tokens, temperature, top_p, top_k, seed, outputs_count=4)
+    output_ids = register.add_stage(model, input_ids, pixel_values, grid, sampling, outputs_count=1)
+    text = register.add_stage(postprocess, output_ids, outputs_count=1)
+    return text
