@@ -112,7 +112,12 @@ class WorkerSet:
 
     # -- messages -------------------------------------------------------------------------------------------
     async def send(self, handle: WorkerHandle, kind: Kind, header: dict[str, Any], buffers: Any = ()) -> None:
-        await transport.send(self.sock, kind, header, buffers, to=handle.worker_id.encode())
+        """Raises `Unavailable` when the Worker's connection is gone (it died or is restarting)."""
+        try:
+            await transport.send(self.sock, kind, header, buffers, to=handle.worker_id.encode())
+        except zmq.ZMQError as exc:
+            raise Unavailable(f"Request servable({handle.servable}) version({handle.version}) , servable is not "
+                              f"available: {handle.label} is unreachable ({exc})") from None
 
     async def _recv_loop(self) -> None:
         while True:
@@ -198,7 +203,10 @@ class WorkerSet:
             return
         if now - handle.last_ping >= self.settings.heartbeat_interval_s:
             handle.last_ping = now
-            await self.send(handle, Kind.PING, {})
+            try:
+                await self.send(handle, Kind.PING, {})
+            except Unavailable:
+                pass  # its death or silence is handled above on a later tick
 
     async def _on_death(self, handle: WorkerHandle, reason: str) -> None:
         was_starting = handle.state is WorkerState.STARTING
@@ -228,7 +236,7 @@ class WorkerSet:
             if handle.child is not None and handle.child.alive():
                 try:
                     await self.send(handle, Kind.EXIT, {})
-                except zmq.ZMQError:
+                except Unavailable:
                     pass
         children = [h.child for h in self.workers.values() if h.child is not None]
         await procs.aterminate(children, self.settings.graceful_timeout_s)
