@@ -60,6 +60,8 @@ def encode_value(value: Value, buffers: list[Frame]) -> dict[str, Any]:
     if isinstance(value, (bytes, bytearray, memoryview)):
         buffers.append(bytes(value))
         return {"t": "bytes", "buf": len(buffers) - 1}
+    if isinstance(value, np.generic):
+        value = np.asarray(value)
     if isinstance(value, np.ndarray):
         if value.dtype.name not in DTYPES:
             raise InvalidInput(f"Unknown data type {value.dtype}")

@@ -259,7 +259,8 @@ def _record_function_io(func: Callable[..., Any], n_in: int, n_out: int, batched
         params = inspect.signature(func).parameters.values()
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
-        if not varargs and len(positional) != n_in:
+        required = sum(1 for p in positional if p.default is p.empty)
+        if not varargs and not required <= n_in <= len(positional):
             raise RuntimeError(f"function {name} input args count {len(positional)} not match the count {n_in} "
                                f"registered in method")
     old = spec.functions.get(name)

@@ -1,0 +1,179 @@
+"""Declaration API and loader (contract §2-3): servable_config.py files written to tmp dirs and imported."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from servable_framework.servable.loader import load_servable, newest_version, resolve_version
+from servable_framework.servable.spec import TensorDef
+from servable_framework.worker.pipeline import MethodRunner
+
+HEADER = "import numpy as np\nfrom servable_framework.server import register, distributed\n"
+
+
+def make(tmp_path: Path, body: str, name: str = "svc") -> Path:
+    (tmp_path / name).mkdir(exist_ok=True)
+    (tmp_path / name / "servable_config.py").write_text(HEADER + textwrap.dedent(body))
+    return tmp_path
+
+
+def load_error(tmp_path: Path, body: str) -> str:
+    with pytest.raises(RuntimeError) as info:
+        load_servable(str(make(tmp_path, body)), "svc")
+    return str(info.value)
+
+
+def test_traces_stages_and_outputs(tmp_path: Path) -> None:
+    loaded = load_servable(str(make(tmp_path, """
+        m = register.declare_model("a.pt2", "torchexport")
+        def pre(a, b):
+            return a, b
+        @register.register_method(output_names=["y", "b2"])
+        def run(a, b):
+            x, y = register.add_stage(pre, a, b, outputs_count=2)
+            z = register.add_stage(m, x, y, outputs_count=1)
+            return z, y
+    """)), "svc")
+    method = loaded.spec.methods["run"]
+    assert method.input_names == ["a", "b"]
+    assert [s.outputs_count for s in method.stages] == [2, 1]
+    assert method.stages[1].inputs == [TensorDef(1, 0), TensorDef(1, 1)]
+    assert method.returns == [TensorDef(2, 0), TensorDef(1, 1)]
+    assert loaded.spec.models[0].model_format == "TorchExport"
+    assert loaded.spec.models[0].inputs_count == 2
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    ("m = register.declare_model('a.pt2', 'onnx')", "model format can only be TorchExport or SafeTensors"),
+    ("m = register.declare_model(3, 'TorchExport')", "Parameter 'model_file' should be str or tuple/list of str"),
+    ("m = register.declare_model(['a', 'a'], 'TorchExport')", "The item value 'a' in parameter 'model_file' should "
+                                                               "not be repeated"),
+    ("m = register.declare_model('', 'TorchExport')", "Parameter 'model_file' should not be empty str"),
+    ("m = register.declare_model('a.pt2', 'TorchExport', with_batch_dim=1)",
+     "Parameter 'with_batch_dim' should be bool, but actually <class 'int'>"),
+    ("m = register.declare_model('a.pt2', 'TorchExport')\nm2 = register.declare_model('a.pt2', 'TorchExport')",
+     "the same model has already been declared"),
+    ("m = register.declare_model(['a.pt2', 'b.pt2'], 'TorchExport')\nm2 = register.declare_model('b.pt2', "
+     "'TorchExport')", "model file 'b.pt2' has already been used"),
+    ("m = distributed.declare_servable(2, 1, shard='matmul')\nm2 = register.declare_model('b.pt2', 'TorchExport')",
+     "servable has already been declared as distributed servable"),
+    ("m = register.declare_model('b.pt2', 'TorchExport')\nm2 = distributed.declare_servable(2, 1, shard='x')",
+     "servable has already been declared as local servable"),
+    ("m = distributed.declare_servable(2, 1, shard='x')\nm2 = distributed.declare_servable(2, 1, shard='x')",
+     "servable is repeatedly been declared as distributed servable"),
+    ("m = distributed.declare_servable(3, 2, shard='x')", "Rank size must be an integral multiple of stage size"),
+    ("m = distributed.declare_servable(0, 1, shard='x')", "Parameter 'rank_size' should be >= 1"),
+    ("m = distributed.declare_servable(True, 1, shard='x')", "Parameter 'rank_size' should be int"),
+])
+def test_declaration_errors(tmp_path: Path, body: str, fragment: str) -> None:
+    assert fragment in load_error(tmp_path, body + "\n@register.register_method('y')\ndef f(x):\n    return x\n")
+
+
+@pytest.mark.parametrize(("method", "fragment"), [
+    ("def f(*xs):\n    return xs[0]", "'f' input xs cannot be VAR_POSITIONAL !"),
+    ("def f(x, **kw):\n    return x", "'f' input kw cannot be VAR_KEYWORD !"),
+    ("def f(x, *, y):\n    return x", "'f' input y cannot be KEYWORD_ONLY !"),
+    ("def f(x):\n    return 1", "Each value returned is a placeholder for data"),
+    ("def f(x):\n    return x, x", "Method return output size 2 not match registered 1"),
+    ("def f(x):\n    return register.add_stage(len, x, outputs_count=1)",
+     "the parameter 'stage' of add_stage must be function or Model returned by declare_model"),
+    ("def f(x):\n    return register.add_stage(g, 1, outputs_count=1)",
+     "Each value of parameter *args is a placeholder for data"),
+    ("def f(x):\n    return register.add_stage(g, x, x, outputs_count=1)",
+     "function svc.g input args count 1 not match the count 2 registered in method"),
+    ("def f(x):\n    return register.add_stage(g, x, outputs_count=1, batch_size=-1)",
+     "Parameter 'batch_size' should be >= 0"),
+    ("def f(x):\n    a, b = register.add_stage(g, x, outputs_count=1)\n    return a",
+     "cannot unpack non-iterable TensorDef object"),
+    ("def f(x):\n    a, b = register.add_stage(g, x, outputs_count=3)\n    return a",
+     "too many values to unpack (expected 2)"),
+])
+def test_method_errors(tmp_path: Path, method: str, fragment: str) -> None:
+    body = f"def g(a):\n    return a\n@register.register_method(output_names='y')\n{method}\n"
+    assert fragment in load_error(tmp_path, body)
+
+
+def test_cross_method_consistency(tmp_path: Path) -> None:
+    body = """
+        def g(a, b=None):
+            return a
+        @register.register_method('y')
+        def f1(x):
+            return register.add_stage(g, x, outputs_count=1, batch_size=2)
+        @register.register_method('y')
+        def f2(x):
+            return register.add_stage(g, x, outputs_count=1)
+    """
+    assert "parameter 'batch_size' in multiple 'add_stage' should be enabled or disabled consistently" in \
+        load_error(tmp_path, body)
+    body2 = """
+        def g(a):
+            return a
+        @register.register_method('y')
+        def f1(x):
+            return register.add_stage(g, x, outputs_count=1)
+        @register.register_method('y')
+        def f1(x):
+            return x
+    """
+    assert "Method f1 has been registered more than once." in load_error(tmp_path, body2)
+
+
+def test_outside_servable_config() -> None:
+    from servable_framework.server import register
+
+    with pytest.raises(RuntimeError, match="Failed to obtain the directory of servable_config.py"):
+        register.declare_model("a.pt2", "TorchExport")
+
+
+def test_no_method_and_import_error(tmp_path: Path) -> None:
+    assert "There is no method registered for servable" in load_error(tmp_path, "x = 1\n")
+    assert "import svc.servable_config failed" in load_error(tmp_path, "raise ValueError('boom')\n")
+
+
+def test_versions(tmp_path: Path) -> None:
+    make(tmp_path, "")
+    assert newest_version(str(tmp_path), "svc") == 0
+    for v in ("0", "1", "12", "3", "x7"):
+        (tmp_path / "svc" / v).mkdir()
+    assert newest_version(str(tmp_path), "svc") == 12
+    assert resolve_version(str(tmp_path), "svc", 0, has_models=True) == 12
+    assert resolve_version(str(tmp_path), "svc", 3, has_models=True) == 3
+    with pytest.raises(RuntimeError, match="There is no specified version directory of models, specified version "
+                                           "number: 5"):
+        resolve_version(str(tmp_path), "svc", 5, has_models=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="There is no valid version directory of models"):
+        resolve_version(str(tmp_path), "empty", 0, has_models=True)
+    assert resolve_version(str(tmp_path), "empty", 0, has_models=False) == 1
+
+
+def test_pipeline_python_stages(tmp_path: Path) -> None:
+    """Function-only methods run without any model: per-instance errors, batched stages, optional inputs."""
+    loaded = load_servable(str(make(tmp_path, """
+        def scale(x, k):
+            if float(x.sum()) < 0:
+                raise ValueError("negative input")
+            return x * k
+        def total(batch):
+            for (x,) in batch:
+                yield float(x.sum())
+        @register.register_method(output_names=["y", "s"])
+        def run(x, k=2):
+            y = register.add_stage(scale, x, k, outputs_count=1)
+            s = register.add_stage(total, y, outputs_count=1, batch_size=0)
+            return y, s
+    """)), "svc")
+    runner = MethodRunner(loaded.spec, {})
+    results = runner.run("run", [{"x": np.array([1.0, 2.0])}, {"x": np.array([-5.0])},
+                                 {"x": np.array([3.0]), "k": np.array(10.0)}])
+    np.testing.assert_array_equal(results[0]["y"], [2.0, 4.0])
+    assert results[0]["s"].dtype == np.float64 and float(results[0]["s"]) == 6.0
+    assert "Call Function 'svc.scale' Failed, method: 'run', stage index(begin with 1): 1, error msg: negative " \
+           "input" in results[1].message
+    assert results[1].http_status == 400
+    assert float(results[2]["s"]) == 30.0
