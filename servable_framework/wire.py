@@ -65,7 +65,7 @@ def encode_value(value: Value, buffers: list[Frame]) -> dict[str, Any]:
     if isinstance(value, np.ndarray):
         if value.dtype.name not in DTYPES:
             raise InvalidInput(f"Unknown data type {value.dtype}")
-        arr = np.ascontiguousarray(value)
+        arr = value if value.flags.c_contiguous else value.copy(order="C")  # keeps 0-d arrays 0-d
         buffers.append(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
         return {"t": "nd", "dtype": arr.dtype.name, "shape": list(arr.shape), "buf": len(buffers) - 1}
     raise InvalidInput(f"Not support value type {type(value)}")

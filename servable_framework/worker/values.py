@@ -26,7 +26,7 @@ def from_stage_output(value: Any) -> Value:
     if isinstance(value, np.ndarray):
         if value.dtype.name not in DTYPES:
             raise StageOutputError(f"output data type {value.dtype} is not supported")
-        return np.ascontiguousarray(value)
+        return value if value.flags.c_contiguous else value.copy(order="C")  # keeps 0-d arrays 0-d
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
