@@ -1,0 +1,164 @@
+"""POST /model/qwen:predict for real: Main + Distributed Worker + 2 TP Agents serving the tiny Qwen2.5-VL.
+
+Answers are checked against the unsharded Hugging Face model's own greedy generation of the same prompt.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from servable_framework.client import Client
+from tests.support.procs import REPO, Rest, child_env, free_port
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from servables.qwen.tiny_model import build_tiny_qwen
+
+    return build_tiny_qwen(tmp_path_factory.mktemp("tiny"))
+
+
+def png(color: str = "red", size: tuple[int, int] = (96, 64)) -> bytes:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).rectangle([10, 10, size[0] - 20, size[1] - 10], fill=color)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def start_qwen(servers, ckpt: Path, tp: int, stages: int = 1, **env: str):  # noqa: ANN001, ANN201
+    rest_port, zmq_port, dist_port = free_port(), free_port(), free_port()
+    dist = f"127.0.0.1:{dist_port}"
+    e = child_env(**env)
+    example = REPO / "examples" / "qwen"
+    server = servers.start(["serving_server.py", "--checkpoint", str(ckpt), "--tp", str(tp), "--stages", str(stages),
+                            "--rest", f"127.0.0.1:{rest_port}", "--zmq", f"127.0.0.1:{zmq_port}",
+                            "--distributed-address", dist], f"qwen-server-{tp}x{stages}", cwd=example, env=e)
+    agents = servers.start(["serving_agent.py", "--rank-start", "0", "--checkpoint", str(ckpt),
+                            "--distributed-address", dist], f"qwen-agents-{tp}x{stages}", cwd=example, env=e)
+    rest = Rest(rest_port)
+    rest.wait_ready(server, 240)
+    return server, agents, rest, f"127.0.0.1:{zmq_port}"
+
+
+@pytest.fixture(scope="module")
+def qwen(module_servers, tiny_ckpt):  # noqa: ANN001, ANN201
+    server, agents, rest, zmq_address = start_qwen(module_servers, tiny_ckpt, tp=2)
+    yield server, agents, rest, zmq_address
+    rest.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):  # noqa: ANN001, ANN201
+    """Greedy text from the unsharded HF model, prepared with the stock processor calls (not the servable's code)."""
+    import torch
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from servables.qwen.vision_compat import load_processor
+
+    processor = load_processor(str(tiny_ckpt))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_ckpt)).eval()
+
+    def generate(prompt: str, image: bytes | None, n: int) -> str:
+        content = [{"type": "image", "image": Image.open(io.BytesIO(image)).convert("RGB")}] if image else []
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images = [content[0]["image"]] if image else None
+        inputs = processor(text=[text], images=images, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+        return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    return generate
+
+
+def predict(rest: Rest, instances: list[dict]):  # noqa: ANN201
+    return rest.post("/model/qwen:predict", {"instances": instances})
+
+
+def test_text_and_image_match_the_unsharded_model(qwen, reference) -> None:  # noqa: ANN001
+    _, _, rest, _ = qwen
+    image = png()
+    r = predict(rest, [{"prompt": "What is in this picture?", "image": {"b64": base64.b64encode(image).decode()},
+                        "max_new_tokens": 12}])
+    assert r.status_code == 200, r.text
+    assert r.json()["instances"][0]["text"] == reference("What is in this picture?", image, 12)
+
+
+def test_text_only_and_several_instances(qwen, reference) -> None:  # noqa: ANN001
+    _, _, rest, _ = qwen
+    prompts = ["Hello, world!", "Describe a red square.", "The quick brown fox"]
+    r = predict(rest, [{"prompt": p, "max_new_tokens": n} for p, n in zip(prompts, (5, 9, 3))])
+    assert r.status_code == 200, r.text
+    texts = [i["text"] for i in r.json()["instances"]]
+    assert texts == [reference(p, None, n) for p, n in zip(prompts, (5, 9, 3))]
+
+
+def test_messages_form(qwen, reference) -> None:  # noqa: ANN001
+    _, _, rest, _ = qwen
+    image = png("blue")
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What color?"}]}]
+    r = predict(rest, [{"messages": json.dumps(messages), "max_new_tokens": 6}])
+    assert r.status_code == 200, r.text
+    assert r.json()["instances"][0]["text"] == reference("What color?", image, 6)
+
+
+def test_zmq_client_same_answer(qwen) -> None:  # noqa: ANN001
+    _, _, rest, zmq_address = qwen
+    image = png("green")
+    via_rest = predict(rest, [{"prompt": "Hi", "image": {"b64": base64.b64encode(image).decode()},
+                               "max_new_tokens": 7}]).json()
+    with Client(zmq_address, "qwen", "predict", timeout_s=120) as client:
+        via_zmq = client.infer({"prompt": "Hi", "image": image, "max_new_tokens": np.int32(7)})
+    assert via_zmq == [{"text": via_rest["instances"][0]["text"]}]
+
+
+def test_sampling_is_seeded(qwen) -> None:  # noqa: ANN001
+    _, _, rest, _ = qwen
+    inst = {"prompt": "Tell me a story", "max_new_tokens": 10, "temperature": 1.5, "top_k": 50, "top_p": 0.95}
+    a = predict(rest, [{**inst, "seed": 7}, {**inst, "seed": 7}, {**inst, "seed": 8}]).json()["instances"]
+    assert a[0] == a[1]
+    again = predict(rest, [{**inst, "seed": 7}]).json()["instances"][0]
+    assert again == a[0]
+
+
+@pytest.mark.parametrize(("instance", "status", "fragment"), [
+    ({"prompt": "hi", "image": {"b64": base64.b64encode(b"this is not an image").decode()}}, 400,
+     "'image' is not a valid PNG/JPEG image"),
+    ({"prompt": "hi", "image": {"b64": base64.b64encode(png()[:60]).decode()}}, 400,
+     "'image' is not a valid PNG/JPEG image"),
+    ({"prompt": "hi", "image": {"b64": "iVBORw0KGgoAAAANSUhEUgAAAGAAAABA"[:-3]}}, 400, "is illegal b64 encode string"),
+    ({"image": {"b64": base64.b64encode(png()).decode()}}, 400, "missing input: give 'prompt'"),
+    ({"prompt": "hi", "max_new_tokens": 100000}, 400, "max_new_tokens 100000 is out of range [1, 512]"),
+    ({"prompt": "hi", "temperature": -1.0}, 400, "need temperature >= 0"),
+    ({"messages": "not json"}, 400, "'messages' is not valid JSON"),
+    ({"messages": json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "file:///etc/passwd"}}]}])}, 400, "image parts must carry a data:image"),
+])
+def test_bad_requests_get_contract_errors_and_server_keeps_serving(qwen, reference, instance, status,
+                                                                     fragment) -> None:  # noqa: ANN001
+    _, _, rest, _ = qwen
+    r = predict(rest, [instance])
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error_msg"} and fragment in r.json()["error_msg"]
+    ok = predict(rest, [{"prompt": "Hello, world!", "max_new_tokens": 4}])
+    assert ok.json()["instances"][0]["text"] == reference("Hello, world!", None, 4)
+
+
+def test_bad_instance_among_good_ones(qwen, reference) -> None:  # noqa: ANN001
+    _, _, rest, _ = qwen
+    r = predict(rest, [{"prompt": "Hello, world!", "max_new_tokens": 4}, {"prompt": "x", "max_new_tokens": 0}])
+    out = r.json()["instances"]
+    assert out[0]["text"] == reference("Hello, world!", None, 4)
+    assert "max_new_tokens 0 is out of range" in out[1]["error_msg"]
