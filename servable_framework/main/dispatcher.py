@@ -79,7 +79,8 @@ class Dispatcher:
                                        f"method {method}")
         self.inflight += 1
         try:
-            return await self._call(handle, method, instances, timeout_s or self.settings.request_timeout_s)
+            timeout = timeout_s or handle.request_timeout_s or self.settings.request_timeout_s
+            return await self._call(handle, method, instances, timeout)
         except ServingError:
             self.stats["errors"] += 1
             raise

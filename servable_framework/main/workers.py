@@ -50,6 +50,7 @@ class WorkerHandle:
     started: asyncio.Future[None] | None = None
     restarts: int = 0
     served: int = 0
+    request_timeout_s: float | None = None  # the servable's own default, from its REGISTER
 
     @property
     def servable(self) -> str:
@@ -146,6 +147,7 @@ class WorkerSet:
                 fut.set_result((header, buffers, frames))
         elif kind is Kind.REGISTER:
             handle.methods = header.get("methods", {})
+            handle.request_timeout_s = header.get("request_timeout_s")
             handle.payload["version"] = int(header.get("version", handle.version))  # 0 resolved to a real one
             handle.state = WorkerState.READY
             handle.reason = ""

@@ -197,6 +197,21 @@ def declare_distributed(
     return handle
 
 
+def set_servable_options(*, request_timeout_s: float | None = None) -> None:
+    """Options of the whole servable (beyond MindSpore).
+
+    Args:
+        request_timeout_s: deadline of a request to this servable (default: Main's ``request_timeout_s``,
+            100 s); a request may still ask for its own (REST header ``X-Request-Timeout-S``, ZMQ ``timeout_s``).
+    """
+    spec = current_builder().spec
+    if request_timeout_s is not None:
+        if isinstance(request_timeout_s, bool) or not isinstance(request_timeout_s, (int, float)) or \
+                request_timeout_s <= 0:
+            raise RuntimeError("Parameter 'request_timeout_s' should be a number > 0")
+        spec.request_timeout_s = float(request_timeout_s)
+
+
 def add_stage(stage: Any, *args: Any, outputs_count: int, batch_size: int | None = None,
               tag: str | None = None) -> Any:
     """Add a stage to the method being traced; returns one placeholder, or a tuple of ``outputs_count``.

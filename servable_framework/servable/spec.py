@@ -93,6 +93,7 @@ class ServableSpec:
     methods: dict[str, MethodSpec] = field(default_factory=dict)
     # "{servable}.{func}" -> (inputs_count, outputs_count, batched) for cross-method consistency checks
     functions: dict[str, tuple[int, int, bool]] = field(default_factory=dict)
+    request_timeout_s: float | None = None  # `register.set_servable_options`; None = Main's default
 
     @property
     def distributed_model(self) -> ModelSpec | None:

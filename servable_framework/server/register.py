@@ -1,6 +1,6 @@
 """``servable_framework.server.register``: the declarations used in ``servable_config.py`` (contract §3)."""
 
-from servable_framework.servable.declare import Model, add_stage, declare_model, register_method
+from servable_framework.servable.declare import Model, add_stage, declare_model, register_method, set_servable_options
 
 
 class Context:
@@ -32,4 +32,4 @@ def declare_servable(servable_file: str, model_format: str, with_batch_dim: bool
 
 
 __all__ = ["CPUDeviceInfo", "Context", "GPUDeviceInfo", "Model", "add_stage", "declare_model", "declare_servable",
-           "register_method"]
+           "register_method", "set_servable_options"]

@@ -73,7 +73,8 @@ class Worker:
         self.register_header = {
             "worker_id": self.worker_id, "pid": os.getpid(), "servable": loaded.spec.name,
             "version": p["version"], "methods": {name: m.required_inputs for name, m in loaded.spec.methods.items()},
-            "batch_size": max((b.backend.batch_size for b in self.batchers.values()), default=1)}
+            "batch_size": max((b.backend.batch_size for b in self.batchers.values()), default=1),
+            "request_timeout_s": loaded.spec.request_timeout_s}
         await transport.send(self.sock, Kind.REGISTER, self.register_header)
         log.info("servable '%s' version %d ready, methods: %s", loaded.spec.name, p["version"],
                  sorted(self.register_header["methods"]))
