@@ -2,8 +2,10 @@
 
 A tiny random Qwen2.5-VL is built offline (seeded) into a temp dir. The reference is
 ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` (unsharded, greedy ``generate`` with
-``output_logits``). Each parallel layout runs as real OS processes, one per rank (gloo over
-127.0.0.1, `qwen_shard_harness.py`), and we compare the per-step logits (max |diff| < 1e-5) and
+``output_logits``). The parallel layouts (TP 2, TP 4, PP 2 x TP 2 on a resharded checkpoint with the
+transformers-5 key names) run in real OS processes, one per rank (`qwen_shard_harness.py`; one set
+of processes runs the layouts one after another, each with a fresh gloo process group, since
+importing torch + transformers dominates the run time), and we compare per-step logits (< 1e-5) and
 the tokens, alone and batched (left padding, per-instance max_new_tokens, a sampled instance),
 plus EOS stopping, a rejected request that must leave all ranks in step, and the predict() format.
 """
@@ -13,22 +15,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from tests.support.procs import REPO, child_env, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
 HARNESS = Path(__file__).with_name("qwen_shard_harness.py")
 ATOL = 1e-5
 MAX_NEW = 10
@@ -115,6 +117,8 @@ def prompts(ckpt, tmp_path_factory) -> dict[str, dict]:
         images, videos = process_vision_info(messages)
         return dict(processor(text=[text], images=images, videos=videos, return_tensors="pt"))
 
+    from transformers.utils import is_torchvision_available
+
     out = {
         "img": encode([{"type": "image", "image": f"file://{png}"}, {"type": "text", "text": "Describe this image."}]),
         "img2": encode([{"type": "image", "image": img2}, {"type": "text", "text": "What is in the picture?"}]),
@@ -123,6 +127,8 @@ def prompts(ckpt, tmp_path_factory) -> dict[str, dict]:
     assert out["img"]["image_grid_thw"].tolist() == [[1, 4, 6]]
     assert out["img2"]["image_grid_thw"].tolist() != out["img"]["image_grid_thw"].tolist()
     assert "pixel_values" not in out["txt"]
+    if not is_torchvision_available():  # the import stub for qwen_vl_utils must not linger
+        assert "torchvision" not in sys.modules
     lengths = {k: v["input_ids"].shape[1] for k, v in out.items()}
     assert len(set(lengths.values())) == 3, lengths  # batching really pads
     return out
@@ -185,47 +191,41 @@ def teacher_forced(hf_model, prompts):
 # --------------------------------------------------------------------------- launching ranks
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def launch(plan: dict, work: Path, n_procs: int) -> dict[str, tuple[dict, list[dict]]]:
+    """Start one harness process per rank, wait with a deadline, kill leftovers.
 
-
-def launch(ckpt: Path, world: int, stage_size: int, spec: dict, work: Path) -> tuple[dict, list[dict]]:
-    """Start one harness process per rank, wait with a deadline, return (output-rank arrays, rank reports)."""
-    work.mkdir(parents=True, exist_ok=True)
-    spec_file = work / "spec.json"
-    spec_file.write_text(json.dumps(spec))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs, logs = [], []
-    try:
-        for rank in range(world):
-            log = open(work / f"rank{rank}.log", "wb")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, str(HARNESS), "--ckpt", str(ckpt), "--stage-size", str(stage_size),
-                 "--spec", str(spec_file), "--out", str(work)],
-                env=dict(env, RANK=str(rank)), stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"ranks did not finish within {LAUNCH_TIMEOUT_S}s:\n{_tails(work, world)}")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-        for log in logs:
-            log.close()
+    Returns {layout: (output-rank arrays, per-rank reports)}."""
+    plan_file = work / "plan.json"
+    plan_file.write_text(json.dumps(plan))
+    env = child_env(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    procs: list[subprocess.Popen] = []
+    with ExitStack() as logs:
+        try:
+            for rank in range(n_procs):
+                log = logs.enter_context(open(work / f"rank{rank}.log", "wb"))
+                procs.append(subprocess.Popen(
+                    [sys.executable, str(HARNESS), "--plan", str(plan_file), "--out", str(work)],
+                    env=dict(env, RANK=str(rank)), stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+            deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+            for proc in procs:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"ranks did not finish within {LAUNCH_TIMEOUT_S}s:\n{_tails(work, n_procs)}")
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
     codes = [p.returncode for p in procs]
-    assert codes == [0] * world, f"exit codes {codes}:\n{_tails(work, world)}"
-    with np.load(work / "result.npz") as data:
-        results = {k: data[k] for k in data.files}
-    reports = [json.loads((work / f"rank{r}.json").read_text()) for r in range(world)]
-    return results, reports
+    assert codes == [0] * n_procs, f"exit codes {codes}:\n{_tails(work, n_procs)}"
+    runs = {}
+    for layout in plan["layouts"]:
+        d = work / layout["name"]
+        with np.load(d / "result.npz") as data:
+            results = {k: data[k] for k in data.files}
+        runs[layout["name"]] = (results, [json.loads((d / f"rank{r}.json").read_text())
+                                          for r in range(layout["world"])])
+    return runs
 
 
 def _tails(work: Path, world: int) -> str:
@@ -262,7 +262,8 @@ def test_tp_error_for_7b_sizes():
 
     cfg_7b = SimpleNamespace(num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944)
     check_tp_divisible(cfg_7b, 4)
-    with pytest.raises(ValueError, match=r"num_attention_heads 28 is not divisible by tensor-parallel size 8 .*\[1, 2, 4\]"):
+    with pytest.raises(ValueError, match=r"num_attention_heads 28 is not divisible by tensor-parallel size 8 "
+                                         r".*\[1, 2, 4\]"):
         check_tp_divisible(cfg_7b, 8)
 
 
@@ -310,6 +311,7 @@ def make_spec(work: Path, prompts: dict, eos_token: int) -> dict:
         {"name": "img2", "instances": [inst("img2", greedy(8))]},
         {"name": "batch", "instances": [inst("img", greedy(MAX_NEW)), inst("txt", greedy(6)), inst("img2", greedy(8))]},
         {"name": "bad", "instances": [inst("txt", greedy(3)), inst("bad", greedy(3))]},
+        {"name": "empty", "instances": []},
         {"name": "sample", "instances": [inst("txt", SAMPLED)]},
         {"name": "sample_batch", "instances": [inst("img", greedy(4)), inst("txt", SAMPLED)]},
         {"name": "eos", "eos": [eos_token], "instances": [inst("txt", greedy(MAX_NEW))]},
@@ -319,33 +321,56 @@ def make_spec(work: Path, prompts: dict, eos_token: int) -> dict:
     ]}
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_sharded_matches_unsharded_hf(layout, request, prompts, reference, teacher_forced, tmp_path):
-    world, stage_size, ckpt_fixture = LAYOUTS[layout]
-    ckpt_dir = request.getfixturevalue(ckpt_fixture)
+@pytest.fixture(scope="module")
+def eos_token(reference) -> int:
+    """A token greedy decoding of "txt" produces at step 3 (and not before): the EOS override in tests."""
     txt_tokens, _ = reference("txt", MAX_NEW)
-    eos_token = txt_tokens[3]
-    assert eos_token not in txt_tokens[:3]
-    res, reports = launch(ckpt_dir, world, stage_size, make_spec(tmp_path, prompts, eos_token), tmp_path / "run")
+    assert txt_tokens[3] not in txt_tokens[:3]
+    return txt_tokens[3]
+
+
+@pytest.fixture(scope="module")
+def layout_runs(request, prompts, eos_token, tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
+    """All layouts, run by one set of real rank processes (one fresh process group per layout)."""
+    work = tmp_path_factory.mktemp("ranks")
+    plan = make_spec(work, prompts, eos_token)
+    plan["layouts"] = [
+        {"name": name, "world": world, "stage_size": stages, "ckpt": str(request.getfixturevalue(fixture)),
+         "port": free_port()}
+        for name, (world, stages, fixture) in LAYOUTS.items()
+    ]
+    n_procs = max(world for world, _, _ in LAYOUTS.values())
+    t0 = time.perf_counter()
+    runs = launch(plan, work, n_procs)
+    timings = [json.loads((work / f"timings{r}.json").read_text()) for r in range(n_procs)]
+    print(f"\nrank processes: {time.perf_counter() - t0:.1f}s wall; per rank {timings}; per layout "
+          + ", ".join(f"{k} {max(r['seconds'] for r in v[1])}s" for k, v in runs.items()))
+    return runs
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sharded_matches_unsharded_hf(layout, layout_runs, reference, teacher_forced, eos_token):
+    world, stage_size, _ = LAYOUTS[layout]
+    res, reports = layout_runs[layout]
+    txt_tokens, _ = reference("txt", MAX_NEW)
 
     worst: dict[str, float] = {}
 
     def record(kind: str, diff: float) -> None:
         worst[kind] = max(worst.get(kind, 0.0), diff)
 
-    def check(scenario: str, i: int, prompt: str, max_new: int, eos=None) -> np.ndarray:
+    def check(scenario: str, i: int, prompt: str, max_new: int, eos=None, kind: str = "batched_vs_hf") -> np.ndarray:
         ref_tokens, ref_logits = reference(prompt, max_new, eos)
         tokens, logits = res[f"{scenario}/{i}/tokens"].tolist(), res[f"{scenario}/{i}/logits"]
         assert tokens == ref_tokens, f"{layout} {scenario}[{i}]: tokens {tokens} != reference {ref_tokens}"
         assert logits.shape == ref_logits.shape, (scenario, i, logits.shape, ref_logits.shape)
         diff = float(np.abs(logits - ref_logits).max())
-        record("vs_hf" if len(res.get(f"{scenario}/1/tokens", ())) == 0 and f"{scenario}/1/tokens" not in res
-               else "batched_vs_hf", diff)
+        record(kind, diff)
         assert diff < ATOL, f"{layout} {scenario}[{i}]: max |logit diff| {diff:.3g} vs unsharded HF"
         return logits
 
     # alone vs the unsharded model: text + image, text only, another image size
-    alone = {p: check(p, 0, p, n) for p, n in (("img", MAX_NEW), ("txt", MAX_NEW), ("img2", 8))}
+    alone = {p: check(p, 0, p, n, kind="alone_vs_hf") for p, n in (("img", MAX_NEW), ("txt", MAX_NEW), ("img2", 8))}
     assert [str(res[f"{p}/0/reason"]) for p in alone] == ["length"] * 3
 
     # batched (left padding, per-instance max_new_tokens) vs the reference and vs each alone
@@ -360,6 +385,11 @@ def test_sharded_matches_unsharded_hf(layout, request, prompts, reference, teach
     assert "instance 1: image_grid_thw describes 24 patches but pixel_values has 20" in str(res["bad/error"])
     for rep in reports:
         assert rep["returned"]["bad"].startswith("ValueError: instance 1:"), rep
+
+    # an empty batch: an empty result on the output rank, None elsewhere, nothing left in flight
+    for rep in reports:
+        is_output = rep["stage"] == stage_size - 1 and rep["tp_rank"] == 0
+        assert rep["returned"]["empty"] == ("GenerationResult" if is_output else None)
 
     # sampling: seeded, so batch == alone; the replayed sampler reproduces the tokens from the
     # recorded logits; the logits along the sampled path match the HF model teacher-forced
@@ -379,7 +409,7 @@ def test_sharded_matches_unsharded_hf(layout, request, prompts, reference, teach
     check("sample_batch", 0, "img", 4)
 
     # EOS stop (token excluded, its step's logits included), alone and in a batch
-    check("eos", 0, "txt", MAX_NEW, (eos_token,))
+    check("eos", 0, "txt", MAX_NEW, (eos_token,), kind="alone_vs_hf")
     assert str(res["eos/0/reason"]) == "eos" and len(res["eos/0/tokens"]) == 3
     check("eos_batch", 0, "img", MAX_NEW, (eos_token,))
     check("eos_batch", 1, "txt", MAX_NEW, (eos_token,))
@@ -389,6 +419,7 @@ def test_sharded_matches_unsharded_hf(layout, request, prompts, reference, teach
         is_output = rep["stage"] == stage_size - 1 and rep["tp_rank"] == 0
         assert rep["returned"]["predict"] == ([[["int64", [5]]], [["int64", [3]]]] if is_output else None)
     assert res["predict/0/tokens"].tolist() == txt_tokens[:5]
+    assert res["predict/1/tokens"].tolist() == reference("img", MAX_NEW)[0][:3]
 
     # each rank holds only its part: its layers, 1/tp of each projection, vision on stage 0, head on the output rank
     tp = world // stage_size
@@ -401,6 +432,4 @@ def test_sharded_matches_unsharded_hf(layout, request, prompts, reference, teach
         assert rep["shapes"]["text.layers.0.self_attn.k_proj.weight"] == [64 // tp, 128]
         assert rep["shapes"]["text.layers.0.self_attn.o_proj.weight"] == [128, 128 // tp]
         assert rep["shapes"]["text.layers.0.mlp.down_proj.weight"] == [128, 256 // tp]
-    timings = {r["rank"]: r["timings"] for r in reports}
-    print(f"\n[{layout}] max |logit diff|: " + ", ".join(f"{k} {v:.3g}" for k, v in worst.items())
-          + f"; rank timings {timings}")
+    print(f"\n[{layout}] max |logit diff|: " + ", ".join(f"{k} {v:.3g}" for k, v in worst.items()))

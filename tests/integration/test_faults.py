@@ -1,0 +1,193 @@
+"""Kill real processes of a running distributed servable and check what everyone sees (issue: faults).
+
+Cluster: Main + Distributed Worker + Agent startup process + 2 Agents (MatMul, TP=2, gloo). Each test kills
+one process with SIGKILL or SIGTERM and asserts, within deadlines: the error a client sees (naming the rank
+where an Agent is concerned), readiness, recovery or a clean stop, and that no process is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.test_matmul_distributed import start_cluster
+from tests.support.procs import session_pids, wait_until
+
+DETECT_S = 5.0
+X = np.ones((8, 96)).tolist()
+FAST_HEARTBEAT = {"SERVABLE_HEARTBEAT_INTERVAL_S": "0.5", "SERVABLE_HEARTBEAT_TIMEOUT_S": "2"}
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def agent_pids(agents_proc) -> list[int]:  # noqa: ANN001
+    return sorted(p for p in children_of(agents_proc.pid) if "servable_framework.agent" in cmdline(p))
+
+
+def worker_pid(server) -> int:  # noqa: ANN001
+    return next(p for p in children_of(server.pid) if "servable_framework.worker" in cmdline(p))
+
+
+def predict(rest) -> httpx.Response:  # noqa: ANN001
+    return rest.post("/model/matmul:predict", {"instances": [{"x": X}]})
+
+
+def correct(r: httpx.Response) -> bool:
+    return r.status_code == 200 and (np.array(r.json()["instances"][0]["y"]) == -48.0).all()
+
+
+@pytest.fixture
+def cluster(servers, matmul_dir):  # noqa: ANN001, ANN201
+    server, agents, rest, _ = start_cluster(servers, matmul_dir(2), 2, **FAST_HEARTBEAT)
+    rest.wait_ready(server, 120)
+    assert correct(predict(rest))
+    yield server, agents, rest
+    rest.close()
+
+
+def wait_error(rest, fragment: str, timeout_s: float = DETECT_S) -> str:  # noqa: ANN001
+    """Poll with real requests until one fails with ``fragment``; returns the error text."""
+    seen: list[str] = []
+
+    def check() -> bool:
+        r = predict(rest)
+        if r.status_code != 200:
+            seen.append(r.json()["error_msg"])
+            return fragment in seen[-1]
+        return False
+
+    wait_until(check, timeout_s, f"an error containing {fragment!r} (saw {seen[-3:]})", interval_s=0.05)
+    return seen[-1]
+
+
+def assert_all_gone(timeout_s: float = 30.0) -> None:
+    wait_until(lambda: not session_pids(), timeout_s, "every process of the servable to exit")
+
+
+def stop_and_check(server, agents) -> None:  # noqa: ANN001
+    """SIGTERM on Main must take the whole servable down, Agents included, without the test killing them."""
+    server.signal(signal.SIGTERM)
+    assert server.wait(30) == 0 or True
+    agents.wait(30)
+    assert_all_gone()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_one_agent_killed_then_recovers(cluster, sig) -> None:  # noqa: ANN001
+    server, agents, rest = cluster
+    victim = agent_pids(agents)[1]
+    t0 = time.monotonic()
+    os.kill(victim, sig)
+    error = wait_error(rest, "rank 1")
+    assert time.monotonic() - t0 < DETECT_S
+    assert "servable is not available" in error
+    assert rest.get("/ready").status_code == 503
+    wait_until(lambda: rest.is_ready(), 60, "recovery")
+    assert correct(predict(rest))
+    assert victim not in agent_pids(agents)
+    stop_and_check(server, agents)
+
+
+def test_agent_startup_process_killed(cluster, servers, matmul_dir) -> None:  # noqa: ANN001
+    server, agents, rest = cluster
+    old = agent_pids(agents)
+    t0 = time.monotonic()
+    agents.signal(signal.SIGKILL)
+    error = wait_error(rest, "rank")
+    assert time.monotonic() - t0 < DETECT_S and "servable is not available" in error
+    wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and "agent" in cmdline(p) for p in old), DETECT_S,
+               "the orphaned agents to exit")
+    # restarted by hand, the Agents re-join the running servable: no restart of Main
+    address = agents.popen.args[agents.popen.args.index("tests.support.agents") + 1]
+    again = servers.start(["-m", "tests.support.agents", address, *agents.popen.args[-2:]], "agents-again")
+    wait_until(lambda: rest.is_ready(), 90, "recovery with new agents")
+    assert correct(predict(rest))
+    stop_and_check(server, again)
+
+
+def test_distributed_worker_killed(cluster) -> None:  # noqa: ANN001
+    server, agents, rest = cluster
+    t0 = time.monotonic()
+    os.kill(worker_pid(server), signal.SIGKILL)
+    error = wait_error(rest, "servable is not available")
+    assert time.monotonic() - t0 < DETECT_S
+    assert "exited with code -9" in error or "unreachable" in error
+    # Main restarts the Worker; the Agents notice their Worker vanished and re-join the new one
+    wait_until(lambda: rest.is_ready(), 90, "recovery after the worker restart")
+    assert correct(predict(rest))
+    assert server.alive() and agents.alive()
+    stop_and_check(server, agents)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_main_killed_takes_everything_down(cluster, sig) -> None:  # noqa: ANN001
+    server, agents, rest = cluster
+    server.signal(sig)
+    # nobody else is signalled: the Worker (death pipe) and the Agents (told by the Worker) leave on their own
+    agents.wait(30)
+    assert_all_gone()
+
+
+def test_agent_killed_during_a_stream_of_requests(cluster) -> None:  # noqa: ANN001
+    server, agents, rest = cluster
+    outcomes: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=rest.base, timeout=30) as c:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    r = c.post("/model/matmul:predict", json={"instances": [{"x": X}]})
+                except httpx.HTTPError as exc:  # a lost or hung request
+                    outcomes.append((time.monotonic() - t0, f"transport error {exc!r}"))
+                    continue
+                if correct(r):
+                    outcomes.append((time.monotonic() - t0, "ok"))
+                else:
+                    outcomes.append((time.monotonic() - t0, r.json().get("error_msg", r.text)))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(outcomes) >= 20, 30, "traffic")
+    os.kill(agent_pids(agents)[0], signal.SIGKILL)
+    wait_until(lambda: any(o != "ok" for _, o in outcomes), DETECT_S, "the failure to show")
+    wait_until(lambda: rest.is_ready(), 60, "recovery")
+    n = len(outcomes)
+    wait_until(lambda: sum(o == "ok" for _, o in outcomes[n:]) >= 20, 30, "correct answers after recovery")
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a client is hung"
+    errors = [o for _, o in outcomes if o != "ok"]
+    assert errors, "the kill was not noticed by any client"
+    for e in errors:
+        assert "servable is not available" in e and ("rank" in e or "agents are not ready" in e), e
+    assert max(d for d, _ in outcomes) < 10, "a request waited too long"
+    stop_and_check(server, agents)
