@@ -51,6 +51,7 @@ class WorkerHandle:
     restarts: int = 0
     served: int = 0
     request_timeout_s: float | None = None  # the servable's own default, from its REGISTER
+    batch_stats: dict[str, list[int]] = field(default_factory=dict)  # model -> [batches, instances], from PONGs
 
     @property
     def servable(self) -> str:
@@ -163,6 +164,8 @@ class WorkerSet:
             else:
                 log.error("%s is unavailable: %s", handle.label, error)
                 self._make_unavailable(handle, WorkerState.UNAVAILABLE, error)
+        elif kind is Kind.PONG:
+            handle.batch_stats = header.get("batches", {})
         elif kind is Kind.EXIT:
             log.info("%s is exiting", handle.label)
 

@@ -130,7 +130,8 @@ class Worker:
                 continue
             if kind is Kind.PING:
                 self.last_ping = time.monotonic()
-                await transport.send(self.sock, Kind.PONG, {"worker_id": self.worker_id})
+                stats = {k: [b.batches_run, b.instances_run] for k, b in self.batchers.items()}
+                await transport.send(self.sock, Kind.PONG, {"worker_id": self.worker_id, "batches": stats})
             elif kind is Kind.PREDICT:
                 asyncio.create_task(self._predict(header, buffers, frames))
             elif kind is Kind.EXIT:

@@ -37,6 +37,8 @@ DEFAULT_MAX_NEW_TOKENS = int(os.environ.get("QWEN_MAX_NEW_TOKENS", "64"))
 MAX_NEW_TOKENS_CAP = int(os.environ.get("QWEN_MAX_NEW_TOKENS_CAP", "512"))
 
 processor = load_processor(CHECKPOINT)
+# resolve qwen_vl_utils now, at load time, not inside concurrent first requests
+process_vision_info([{"role": "user", "content": [{"type": "text", "text": "warm-up"}]}])
 
 model = distributed.declare_servable(
     rank_size=int(os.environ.get("QWEN_RANK_SIZE", "2")),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -100,7 +101,16 @@ def _import_qwen_vl_utils_with_stub() -> types.ModuleType:
                 sys.modules[name] = module
 
 
+_resolve_lock = threading.Lock()  # Worker request threads call in parallel; the stubbed import must run once
+
+
 def _resolve_process_vision_info() -> Callable[..., Any]:
+    global _process_vision_info
+    with _resolve_lock:
+        return _resolve_locked()
+
+
+def _resolve_locked() -> Callable[..., Any]:
     global _process_vision_info
     if _process_vision_info is None:
         try:

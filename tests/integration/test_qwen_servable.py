@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,7 @@ def png(color: str = "red", size: tuple[int, int] = (96, 64)) -> bytes:
 
 
 def start_qwen(servers, ckpt: Path, tp: int, stages: int = 1, **env: str):  # noqa: ANN001, ANN201
+    """Start examples/qwen's server and agents as documented, on free ports."""
     rest_port, zmq_port, dist_port = free_port(), free_port(), free_port()
     dist = f"127.0.0.1:{dist_port}"
     e = child_env(**env)
@@ -51,7 +54,8 @@ def start_qwen(servers, ckpt: Path, tp: int, stages: int = 1, **env: str):  # no
 
 @pytest.fixture(scope="module")
 def qwen(module_servers, tiny_ckpt):  # noqa: ANN001, ANN201
-    server, agents, rest, zmq_address = start_qwen(module_servers, tiny_ckpt, tp=2)
+    # a generous batch window so that concurrent requests in test_concurrent_requests_are_batched meet
+    server, agents, rest, zmq_address = start_qwen(module_servers, tiny_ckpt, tp=2, QWEN_MAX_BATCH_DELAY_MS="50")
     yield server, agents, rest, zmq_address
     rest.close()
 
@@ -162,3 +166,47 @@ def test_bad_instance_among_good_ones(qwen, reference) -> None:  # noqa: ANN001
     out = r.json()["instances"]
     assert out[0]["text"] == reference("Hello, world!", None, 4)
     assert "max_new_tokens 0 is out of range" in out[1]["error_msg"]
+
+
+def batch_counts(rest: Rest) -> tuple[int, int]:
+    text = rest.get("/metrics").text
+    b = sum(int(float(v)) for v in re.findall(r'^servable_model_batches_total\{[^}]*servable="qwen"[^}]*\} (\S+)', text,
+                                              re.M))
+    i = sum(int(float(v)) for v in re.findall(r'^servable_model_instances_total\{[^}]*servable="qwen"[^}]*\} (\S+)',
+                                              text, re.M))
+    return b, i
+
+
+def test_concurrent_requests_are_batched_and_answers_unchanged(qwen, reference) -> None:  # noqa: ANN001
+    """Requests from 8 clients are generated together (left padding, per-request stop and length) and each
+    answer equals the unbatched reference, in order."""
+    from tests.support.procs import wait_until
+
+    _, _, rest, _ = qwen
+    wait_until(lambda: "servable_model_batches_total{" in rest.get("/metrics").text, 10, "batch metrics")
+    b0, i0 = batch_counts(rest)
+    prompts = [(f"Request number {k}: " + "tell me something. " * (k % 3), 3 + 2 * k) for k in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda p: predict(rest, [{"prompt": p[0], "max_new_tokens": p[1]}]), prompts))
+    for (prompt, n), r in zip(prompts, answers):
+        assert r.status_code == 200, r.text
+        assert r.json()["instances"][0]["text"] == reference(prompt, None, n)
+    wait_until(lambda: batch_counts(rest)[1] >= i0 + 8, 10, "metrics to count the 8 instances")
+    b1, i1 = batch_counts(rest)
+    assert i1 - i0 == 8
+    assert b1 - b0 < 8, f"no two requests were batched together ({b1 - b0} batches for 8 instances)"
+
+
+def test_pipeline_stages_give_the_same_answers(servers, tiny_ckpt, reference) -> None:  # noqa: ANN001
+    """stage_size=2 x TP=2 (4 Agents): REST and ZMQ answers equal the unsharded model's, as with TP only."""
+    _, _, rest, zmq_address = start_qwen(servers, tiny_ckpt, tp=2, stages=2)
+    image = png("yellow")
+    r = predict(rest, [{"prompt": "What is in this picture?", "image": {"b64": base64.b64encode(image).decode()},
+                        "max_new_tokens": 10}, {"prompt": "Hello, world!", "max_new_tokens": 6}])
+    assert r.status_code == 200, r.text
+    texts = [i["text"] for i in r.json()["instances"]]
+    assert texts == [reference("What is in this picture?", image, 10), reference("Hello, world!", None, 6)]
+    with Client(zmq_address, "qwen", "predict", timeout_s=120) as client:
+        via_zmq = client.infer({"prompt": "Hello, world!", "max_new_tokens": np.int32(6)})
+    assert via_zmq == [{"text": texts[1]}]
+    rest.close()
