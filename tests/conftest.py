@@ -52,7 +52,8 @@ def add_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 MATMUL_CONFIG = '''
 from servable_framework.server import distributed, register
 
-model = distributed.declare_servable(rank_size={ranks}, stage_size={stages}, with_batch_dim={batch}, shard="matmul")
+model = distributed.declare_servable(rank_size={ranks}, stage_size={stages}, with_batch_dim={batch},
+                                     enable_pipeline_infer={pipeline}, shard="matmul")
 
 
 @register.register_method(output_names=["y"])
@@ -78,7 +79,7 @@ def matmul_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         root = tmp_path_factory.mktemp(f"matmul{ranks}x{stages}")
         (root / "matmul").mkdir()
         (root / "matmul" / "servable_config.py").write_text(MATMUL_CONFIG.format(ranks=ranks, stages=stages,
-                                                                                 batch=batch))
+                                                                                 batch=batch, pipeline=stages > 1))
         export(str(root / "model"), ranks, stages)
         write_rank_table(root / f"rank_table_{ranks}pcs.json", ranks)
         return root

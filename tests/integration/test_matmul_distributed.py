@@ -127,3 +127,22 @@ def test_example_8_ranks_as_documented(servers) -> None:  # noqa: ANN001
     server.stop()
     agents.wait(60)  # the servable stopped: the agents leave on their own
     rest.close()
+
+
+def test_pipeline_stages_with_batching(servers, matmul_dir) -> None:  # noqa: ANN001
+    """2 stages x 2 TP: activations flow stage to stage over torch.distributed send/recv; concurrent
+    requests are batched and two batches may be in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = matmul_dir(4, 2, batch=True)
+    server, _, rest, zmq_address = start_cluster(servers, d, 4)
+    rest.wait_ready(server, 120)
+    r = rest.post("/model/matmul:predict", {"instances": [{"x": np.ones((16, 96)).tolist()}]})
+    assert (np.array(r.json()["instances"][0]["y"]) == -48.0).all()
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((16, 96)).astype(np.float32) for _ in range(12)]
+    w0, w1 = np.eye(96), np.full((96, 16), 0.5)
+    with Client(zmq_address, "matmul", "predict") as client, ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda x: client.infer({"x": x}), xs))
+    for x, out in zip(xs, outs):
+        np.testing.assert_allclose(out[0]["y"], -(x.astype(np.float64) @ w0 @ w1), rtol=1e-4, atol=1e-4)

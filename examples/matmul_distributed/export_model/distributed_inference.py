@@ -1,7 +1,7 @@
 """Write each rank's shard of W ([96, 16] filled with 0.5, column-split): model/device{i}/matmul.safetensors.
 
 Usage (from examples/matmul_distributed): python export_model/distributed_inference.py [--ranks 8] [--stages 1]
-With --stages S every stage is its own [K, K] layer except the last ([K, 16]); see agents/matmul.py.
+With --stages S every stage but the last is a [K, K] identity layer, the last is W ([K, 16]); see agents/matmul.py.
 """
 
 import argparse
@@ -20,7 +20,8 @@ def export(out_dir: str, ranks: int = 8, stages: int = 1, k: int = 96, n: int = 
         cols = n if stage == stages - 1 else k
         if cols % tp:
             raise ValueError(f"{cols} columns do not split over {tp} ranks")
-        full = torch.full((k, cols), 0.5 if stage == stages - 1 else 1.0 / k, dtype=torch.float32)
+        # the last stage holds W (0.5); earlier stages an identity layer, so the answer stays exactly -48
+        full = torch.full((k, cols), 0.5) if stage == stages - 1 else torch.eye(k)
         part = full[:, tp_rank * cols // tp:(tp_rank + 1) * cols // tp].contiguous()
         path = os.path.join(out_dir, f"device{rank}", "matmul.safetensors")
         os.makedirs(os.path.dirname(path), exist_ok=True)
