@@ -265,16 +265,26 @@ class Qwen25VLShard(ModelShard):
                                past_key_values=cache, use_cache=True).last_hidden_state
             if not ctx.is_last_stage:
                 self._send_step(hidden, positions, mask, sampling if step == 0 else None)
-            sync = torch.empty(hidden.shape[0] + 1, dtype=torch.int64, device=self.device)
+            n = hidden.shape[0]
+            sync = torch.empty(2 * n + 1, dtype=torch.int64, device=self.device)
             if sampler is not None:
                 logits = self.lm_head(self.final_norm(hidden[:, -1])).float()
                 sync.copy_(sampler.step(logits))
-            dist.broadcast(sync, src=self.output_rank)  # tokens + [all_done], to every rank
+                for b in sampler.finished_now:  # its answer is complete: return it now, not with the batch
+                    self.emit(b, [np.asarray(sampler.tokens[b], dtype=np.int64)])
+            dist.broadcast(sync, src=self.output_rank)  # tokens + finished flags + [all_done], to every rank
             if bool(sync[-1]):
                 break
+            tokens, finished = sync[:n], sync[n:2 * n].bool()
+            if bool(finished.any()):  # every rank drops the same rows: finished instances free their compute
+                keep = (~finished).nonzero().view(-1)
+                cache.batch_select_indices(keep)
+                tokens, mask = tokens[keep], mask[keep]
+                if ctx.is_first_stage:
+                    next_pos = next_pos[keep]
             step += 1
             if ctx.is_first_stage:
-                hidden = self.text.embed_tokens(sync[:-1].view(-1, 1))
+                hidden = self.text.embed_tokens(tokens.view(-1, 1))
                 positions = (next_pos + step - 1).view(1, -1, 1).expand(3, -1, -1)
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             else:

@@ -267,8 +267,9 @@ class GenerationResult:
 class BatchSampler:
     """Output-rank state of one batch: per-instance options, RNGs, tokens, logits and stop reasons.
 
-    An instance stops at its first EOS token (not added to its tokens) or after ``max_new_tokens``;
-    a finished instance keeps riding along in the batch but contributes nothing more.
+    An instance stops at its first EOS token (not added to its tokens) or after ``max_new_tokens``.
+    Finished instances leave the batch: ``active`` lists the original indices of the rows still being
+    decoded, in row order, and every rank drops the same rows after each step (see `step`).
     """
 
     def __init__(self, sampling: torch.Tensor, eos_ids: set[int], pad_id: int, collect_logits: bool) -> None:
@@ -284,25 +285,33 @@ class BatchSampler:
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.logits: list[list[np.ndarray]] = [[] for _ in range(n)]
         self.reasons = [""] * n
+        self.active = list(range(n))
+        self.finished_now: list[int] = []  # original indices that finished at the last step
 
     def step(self, logits: torch.Tensor) -> torch.Tensor:
-        """Choose one token per unfinished instance; return ``tokens + [all_done]`` (int64, CPU)."""
+        """Choose one token per active row (``logits`` [len(active), vocab]); return the broadcast message
+        ``tokens (n) + finished (n) + [all_done]`` (int64, CPU), n = rows before this step."""
         logits = logits.cpu()
-        out = [self.pad_id] * (len(self.options) + 1)
-        for b, (max_new, temperature, top_p, top_k, _seed) in enumerate(self.options):
-            if self.reasons[b]:
-                continue  # finished: keeps riding along in the batch, contributes nothing
+        n = len(self.active)
+        out = [self.pad_id] * n + [0] * n + [0]
+        self.finished_now = []
+        for row, b in enumerate(self.active):
+            max_new, temperature, top_p, top_k, _seed = self.options[b]
             if self.collect_logits:
-                self.logits[b].append(logits[b].numpy().copy())
-            token = sample_next_token(logits[b], temperature, top_p, int(top_k), self.generators[b])
-            out[b] = token
+                self.logits[b].append(logits[row].numpy().copy())
+            token = sample_next_token(logits[row], temperature, top_p, int(top_k), self.generators[b])
+            out[row] = token
             if token in self.eos_ids:
                 self.reasons[b] = "eos"
-                continue
-            self.tokens[b].append(token)
-            if len(self.tokens[b]) >= int(max_new):
-                self.reasons[b] = "length"
-        out[-1] = int(all(self.reasons))
+            else:
+                self.tokens[b].append(token)
+                if len(self.tokens[b]) >= int(max_new):
+                    self.reasons[b] = "length"
+            if self.reasons[b]:
+                out[n + row] = 1
+                self.finished_now.append(b)
+        self.active = [b for b in self.active if not self.reasons[b]]
+        out[-1] = int(not self.active)
         return torch.tensor(out, dtype=torch.int64)
 
     def result(self) -> GenerationResult:

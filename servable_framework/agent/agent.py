@@ -135,7 +135,8 @@ class Agent:
             raw = header.get("instances")
             instances = None if raw is None else [[decode_value(v, buffers) for v in inst] for inst in raw]
             assert self.shard is not None
-            outputs = await asyncio.get_running_loop().run_in_executor(self.compute, self.shard.predict, instances)
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self.compute, self._run, header.get("id"), instances, asyncio.get_running_loop())
             if outputs is not None:
                 reply["results"] = [{"ok": [encode_value(v, out_buffers) for v in out]} for out in outputs]
         except (ServingError, ValueError) as exc:
@@ -145,6 +146,22 @@ class Agent:
             reply["error"] = ServingError(f"{type(exc).__name__}: {exc}").to_wire()
         del frames  # inputs were zero-copy views of these frames
         await transport.send(self.sock, Kind.RESULT, reply, out_buffers)
+
+    def _run(self, batch_id: Any, instances: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        """On the compute thread: one predict, with `ModelShard.emit` wired to early partial results."""
+        assert self.shard is not None
+
+        def emit(index: int, outputs: list[Any]) -> None:
+            buffers: list[Any] = []
+            header = {"id": batch_id, "rank": self.rank, "partial": index,
+                      "ok": [encode_value(v, buffers) for v in outputs]}
+            asyncio.run_coroutine_threadsafe(transport.send(self.sock, Kind.RESULT, header, buffers), loop)
+
+        self.shard.emit_hook = emit
+        try:
+            return self.shard.predict(instances)
+        finally:
+            self.shard.emit_hook = None
 
     async def _watch_worker(self) -> None:
         hb = self.cfg["heartbeat"]

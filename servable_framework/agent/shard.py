@@ -81,9 +81,16 @@ class ModelShard:
 
     def __init__(self, ctx: ShardContext) -> None:
         self.ctx = ctx
+        self.emit_hook: Callable[[int, InstanceValues], None] | None = None  # set by the Agent per batch
 
     def predict(self, instances: list[InstanceValues] | None) -> list[InstanceValues] | None:
         raise NotImplementedError
+
+    def emit(self, index: int, outputs: InstanceValues) -> None:
+        """Output rank only, optional: instance ``index`` of the current batch is complete, answer it now
+        (its request need not wait for the rest of the batch). ``predict`` must still return every instance."""
+        if self.emit_hook is not None:
+            self.emit_hook(index, outputs)
 
     def close(self) -> None:
         """Release resources; called once before the Agent exits."""

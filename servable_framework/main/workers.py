@@ -142,6 +142,7 @@ class WorkerSet:
                     frames: Any) -> None:
         handle.last_pong = time.monotonic()
         if kind is Kind.RESULT:
+            handle.batch_stats = header.get("batches", handle.batch_stats)
             fut = handle.inflight.pop(header.get("id", -1), None)
             if fut is not None and not fut.done():
                 handle.served += 1

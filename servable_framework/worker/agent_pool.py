@@ -227,11 +227,15 @@ class AgentPool:
                 await self._send(agent.identity, Kind.PING, {})
 
     # -- data plane -----------------------------------------------------------------------------------------
-    async def predict(self, instances: list[list[Value]]) -> list[list[Value] | ServingError]:
+    async def predict(self, instances: list[list[Value]],
+                      on_result: Callable[[int, list[Value]], None] | None = None
+                      ) -> list[list[Value] | ServingError]:
+        """Run one batch on every rank. ``on_result(i, outputs)`` is called as soon as the output rank
+        reports instance i complete (before the whole batch is), when the shard emits early results."""
         if self.state is not PoolState.READY:
             raise Unavailable(f"servable is not available: {self.failure or 'agents are not ready'}")
         batch_id = next(self._ids)
-        batch = _Batch(self.dist.rank_size, len(instances))
+        batch = _Batch(self.dist.rank_size, len(instances), on_result)
         self.pending[batch_id] = batch
         buffers: list[Any] = []
         encoded = [[encode_value(v, buffers) for v in inst] for inst in instances]
@@ -260,7 +264,9 @@ class AgentPool:
 class _Batch:
     """Collects the replies of every rank for one batch; the output rank's carries the outputs."""
 
-    def __init__(self, rank_size: int, count: int) -> None:
+    def __init__(self, rank_size: int, count: int,
+                 on_result: Callable[[int, list[Value]], None] | None = None) -> None:
+        self.on_result = on_result
         self.waiting = set(range(rank_size))
         self.count = count
         self.outputs: list[list[Value] | ServingError] | None = None
@@ -268,6 +274,14 @@ class _Batch:
         self.future: asyncio.Future[list[list[Value] | ServingError]] = asyncio.get_running_loop().create_future()
 
     def on_reply(self, header: dict[str, Any], buffers: Any) -> None:
+        if "partial" in header:  # one finished instance, ahead of the batch
+            index = header["partial"]
+            if self.on_result is not None and isinstance(index, int) and 0 <= index < self.count:
+                try:
+                    self.on_result(index, [decode_value(v, buffers) for v in header.get("ok", [])])
+                except ServingError:
+                    pass  # the final reply carries it again
+            return
         rank = header.get("rank")
         self.waiting.discard(rank)  # type: ignore[arg-type]
         if "error" in header and self.error is None:
@@ -304,6 +318,10 @@ class DistributedBackend:
         return values
 
     def run(self, instances: list[list[Value]]) -> list[list[Value] | ServingError]:
+        return self.run_streaming(instances, None)
+
+    def run_streaming(self, instances: list[list[Value]],
+                      on_result: Callable[[int, list[Value]], None] | None) -> list[list[Value] | ServingError]:
         fut: Future[list[list[Value] | ServingError]] = asyncio.run_coroutine_threadsafe(
-            self.pool.predict(instances), self.loop)
+            self.pool.predict(instances, on_result), self.loop)
         return fut.result()

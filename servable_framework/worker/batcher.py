@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Protocol
 
 from servable_framework.errors import ServingError
@@ -89,17 +89,29 @@ class ModelBatcher:
             live = [(v, f) for v, f in batch if f.set_running_or_notify_cancel()]
             if not live:
                 continue
+            self.batches_run += 1  # counted before any answer leaves, so a client never sees a stale count
+            self.instances_run += len(live)
+            streaming = getattr(self.backend, "run_streaming", None)
             try:
-                results = self.backend.run([v for v, _ in live])
+                if streaming is not None:  # instances that finish early are answered early
+                    results = streaming([v for v, _ in live], lambda i, outs: _resolve(live[i][1], outs))
+                else:
+                    results = self.backend.run([v for v, _ in live])
             except ServingError as exc:
                 results = [exc] * len(live)
             except Exception as exc:  # a model failure fails its batch, never the thread
                 log.exception("model %s failed on a batch of %d", self.name, len(live))
                 results = [ServingError(f"{type(exc).__name__}: {exc}")] * len(live)
-            self.batches_run += 1
-            self.instances_run += len(live)
             for (_, fut), res in zip(live, results):
-                if isinstance(res, ServingError):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+                _resolve(fut, res)
+
+
+def _resolve(fut: Future[Outputs], result: Outputs | ServingError) -> None:
+    """Set a future once; a second answer for it (the batch's final reply after an early one) is dropped."""
+    try:
+        if isinstance(result, ServingError):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass

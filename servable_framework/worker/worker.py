@@ -130,8 +130,8 @@ class Worker:
                 continue
             if kind is Kind.PING:
                 self.last_ping = time.monotonic()
-                stats = {k: [b.batches_run, b.instances_run] for k, b in self.batchers.items()}
-                await transport.send(self.sock, Kind.PONG, {"worker_id": self.worker_id, "batches": stats})
+                await transport.send(self.sock, Kind.PONG, {"worker_id": self.worker_id,
+                                                            "batches": self._batch_stats()})
             elif kind is Kind.PREDICT:
                 asyncio.create_task(self._predict(header, buffers, frames))
             elif kind is Kind.EXIT:
@@ -164,7 +164,11 @@ class Worker:
                 except ServingError as exc:
                     encoded.append({"error": exc.to_wire()})
         del frames  # input buffers may be released only now: stages may have kept zero-copy views
-        await transport.send(self.sock, Kind.RESULT, {"id": request_id, "results": encoded}, out_buffers)
+        await transport.send(self.sock, Kind.RESULT, {"id": request_id, "results": encoded,
+                                                      "batches": self._batch_stats()}, out_buffers)
+
+    def _batch_stats(self) -> dict[str, list[int]]:
+        return {k: [b.batches_run, b.instances_run] for k, b in self.batchers.items()}
 
     async def _watch_main(self) -> None:
         """Main pings every interval; silence beyond the timeout means Main is wedged or gone."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 URLS_VALID = ["/model/add:add_common", "/model/add:add_cast", "/model/add/version/1:add_common",
@@ -32,9 +33,11 @@ FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scope
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(module_servers, add_dir):  # noqa: ANN001, ANN201
+def fuzz_server(module_servers, add_dir):
     proc, rest, _ = module_servers.local(add_dir, "add")
-    client = httpx.Client(base_url=rest.base, timeout=20.0)  # keep-alive: one connection for the whole run
+    # One new connection per request: Main's REST sockets lack TCP_NODELAY (see test_keep_alive_latency), so a
+    # keep-alive connection pays Nagle + delayed ACK (~40 ms) on every response; a fresh one does not.
+    client = httpx.Client(base_url=rest.base, timeout=20.0, limits=httpx.Limits(max_keepalive_connections=0))
     yield proc, client
     client.close()
     rest.close()
@@ -42,6 +45,7 @@ def fuzz_server(module_servers, add_dir):  # noqa: ANN001, ANN201
 
 def check(proc: Any, response: httpx.Response, what: object) -> dict[str, Any]:
     """The invariant: no 5xx, a JSON object with exactly `instances` or `error_msg`, the server alive."""
+    event(f"HTTP {response.status_code}")  # shown by --hypothesis-show-statistics
     assert response.status_code < 500, (what, response.status_code, response.text[:500])
     assert response.headers.get("content-type", "").startswith("application/json"), (what, response.headers)
     body = response.json()
@@ -63,12 +67,12 @@ def check(proc: Any, response: httpx.Response, what: object) -> dict[str, Any]:
 json_scalars = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
                 | st.floats() | st.floats(width=32) | st.text(max_size=12))
 json_values = st.recursive(json_scalars,
-                           lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=8), c, max_size=5),
-                           max_leaves=20)
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4),
+                           max_leaves=10)
 
 leaf = (st.integers(min_value=-2**33, max_value=2**33) | st.floats(width=32) | st.floats() | st.booleans()
         | st.text(max_size=6))
-nested_arrays = st.recursive(leaf, lambda c: st.lists(c, min_size=0, max_size=4), max_leaves=16)
+nested_arrays = st.recursive(leaf, lambda c: st.lists(c, min_size=0, max_size=4), max_leaves=12)
 float_2x2 = st.lists(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=2, max_size=2),
                      min_size=2, max_size=2)
 int_2x2 = st.lists(st.lists(st.integers(-2**31, 2**31 - 1), min_size=2, max_size=2), min_size=2, max_size=2)
@@ -131,11 +135,13 @@ def random_url(draw: st.DrawFn) -> str:
     def part(s: str) -> str:
         return quote(s, safe=":").replace(".", "%2E")
 
+    # a newline inside the path is left out here: test_newline_in_url_path covers it (a known bug)
+    text = st.text(st.characters(exclude_characters="\n"), max_size=8)
     segments = draw(st.lists(st.one_of(st.sampled_from(["add", "version", "model", "1", "0", "-1", "4294967295",
-                                                        "x", ""]), st.text(max_size=8)), max_size=4))
+                                                        "x", ""]), text), max_size=4))
     url = "/model/" + "/".join(part(s) for s in segments)
     if draw(st.booleans()):
-        url += ":" + part(draw(st.sampled_from(["add_common", "add_cast", "", "::"]) | st.text(max_size=8)))
+        url += ":" + part(draw(st.sampled_from(["add_common", "add_cast", "", "::"]) | text))
     if draw(st.integers(0, 4)) == 0:
         url += "?" + quote(draw(st.text(max_size=6)))
     return url
@@ -144,38 +150,38 @@ def random_url(draw: st.DrawFn) -> str:
 # --------------------------------------------------------------------------------------------- properties
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=600)
 @given(body=st.binary(max_size=300) | st.sampled_from([b"", b"null", b"[]", b"{}", b'"\\ud800"', b"NaN", b"1e999",
                                                         b'{"instances": [{"x1": "\\ud800"}]}', b"[" * 5000]))
-def test_arbitrary_bytes(fuzz_server, body: bytes) -> None:  # noqa: ANN001
+def test_arbitrary_bytes(fuzz_server, body: bytes) -> None:
     proc, client = fuzz_server
     r = client.post("/model/add:add_common", content=body)
     check(proc, r, body)
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=400)
 @given(doc=json_values, how=st.integers(0, 4))
-def test_arbitrary_json(fuzz_server, doc: Any, how: int) -> None:  # noqa: ANN001
+def test_arbitrary_json(fuzz_server, doc: Any, how: int) -> None:
     proc, client = fuzz_server
     body = encode(doc, how)
     r = client.post("/model/add:add_cast", content=body)
     check(proc, r, body)
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=1000)
 @given(doc=documents, url=st.sampled_from(URLS_VALID), how=st.sampled_from([0, 0, 0, 0, 1, 2, 3, 4]))
-def test_instances_shaped_bodies(fuzz_server, doc: Any, url: str, how: int) -> None:  # noqa: ANN001
+def test_instances_shaped_bodies(fuzz_server, doc: Any, url: str, how: int) -> None:
     proc, client = fuzz_server
     body = encode(doc, how)
     r = client.post(url, content=body)
     check(proc, r, (url, body))
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=400)
 @given(url=random_url() | st.sampled_from(URLS_VALID), method=st.sampled_from(["POST", "POST", "GET", "PUT",
                                                                                "DELETE", "PATCH"]),
        doc=st.one_of(good_instance.map(lambda i: {"instances": [i]}), documents))
-def test_random_urls_and_methods(fuzz_server, url: str, method: str, doc: Any) -> None:  # noqa: ANN001
+def test_random_urls_and_methods(fuzz_server, url: str, method: str, doc: Any) -> None:
     proc, client = fuzz_server
     r = client.request(method, url, content=json.dumps(doc).encode())
     body = check(proc, r, (method, url))
@@ -183,7 +189,35 @@ def test_random_urls_and_methods(fuzz_server, url: str, method: str, doc: Any) -
         assert r.status_code == 405 and body == {"error_msg": "http message only support POST right now"}
 
 
-def test_server_still_correct_after_fuzzing(fuzz_server) -> None:  # noqa: ANN001
+@pytest.mark.xfail(strict=True, reason="rest.build_app's catch-all Route('/{path:path}') uses Starlette's '.*' regex, "
+                                       "which does not match a newline, so a path holding %0A falls through to "
+                                       "Starlette's default 404 text/plain 'Not Found' instead of a JSON error_msg")
+@pytest.mark.parametrize("url", ["/model/%0A/add", "/model/add%0A:add_common", "/model/add/version/%0A1:add_common"])
+def test_newline_in_url_path(fuzz_server, url: str) -> None:
+    proc, client = fuzz_server
+    r = client.post(url, json={"instances": [{"x1": 1.0}]})
+    body = check(proc, r, url)
+    assert set(body) == {"error_msg"} and r.status_code in (400, 404), (r.status_code, body)
+
+
+@pytest.mark.xfail(strict=True, reason="main/master.py start_rest binds socket.socket(AF_INET, SOCK_STREAM) with proto "
+                                       "0, so asyncio does not set TCP_NODELAY on accepted connections; uvicorn writes "
+                                       "headers and body separately and each keep-alive response waits ~40 ms for "
+                                       "the client's delayed ACK (Nagle)")
+def test_keep_alive_latency(fuzz_server) -> None:
+    proc, fresh = fuzz_server
+    with httpx.Client(base_url=fresh.base_url, timeout=20.0) as client:  # keep-alive: one connection
+        client.get("/health")
+        took = []
+        for _i in range(15):
+            start = time.perf_counter()
+            assert client.get("/health").status_code == 200
+            took.append(time.perf_counter() - start)
+    assert proc.alive()
+    assert sorted(took)[len(took) // 2] < 0.02, f"median {sorted(took)[len(took) // 2] * 1000:.1f} ms per request"
+
+
+def test_server_still_correct_after_fuzzing(fuzz_server) -> None:
     proc, client = fuzz_server
     rng = np.random.default_rng(7)
     x1 = rng.standard_normal((2, 2)).astype(np.float32)

@@ -210,3 +210,33 @@ def test_pipeline_stages_give_the_same_answers(servers, tiny_ckpt, reference) ->
         via_zmq = client.infer({"prompt": "Hello, world!", "max_new_tokens": np.int32(6)})
     assert via_zmq == [{"text": texts[1]}]
     rest.close()
+
+
+def test_finished_request_leaves_the_batch_early(qwen, reference) -> None:  # noqa: ANN001
+    """A short request batched with a long one is answered when it is done, not when the batch is."""
+    import threading
+
+    from tests.support.procs import wait_until
+
+    _, _, rest, _ = qwen
+    wait_until(lambda: "servable_model_batches_total{" in rest.get("/metrics").text, 10, "batch metrics")
+    b0, i0 = batch_counts(rest)
+    done: list[str] = []
+    texts: dict[str, str] = {}
+
+    def ask(name: str, prompt: str, n: int) -> None:
+        texts[name] = predict(rest, [{"prompt": prompt, "max_new_tokens": n}]).json()["instances"][0]["text"]
+        done.append(name)
+
+    long = threading.Thread(target=ask, args=("long", "Tell me everything.", 200))
+    short = threading.Thread(target=ask, args=("short", "Hello, world!", 2))
+    long.start()
+    short.start()
+    long.join(120)
+    short.join(120)
+    wait_until(lambda: batch_counts(rest)[1] >= i0 + 2, 10, "metrics")
+    b1, i1 = batch_counts(rest)
+    if b1 - b0 == 1:  # they shared a batch (the usual case with a 50 ms batch window)
+        assert done == ["short", "long"]
+    assert texts["short"] == reference("Hello, world!", None, 2)
+    assert texts["long"] == reference("Tell me everything.", None, 200)
