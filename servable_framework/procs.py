@@ -137,6 +137,6 @@ def exit_now(code: int = 0) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:  # noqa: BLE001 - exiting anyway
+        except Exception:
             pass
     os._exit(code)

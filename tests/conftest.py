@@ -18,7 +18,7 @@ from tests.support.procs import REPO, Proc, Rest, free_port, kill_session_leftov
 EXAMPLES = REPO / "examples"
 
 
-def _load(path: Path, name: str):  # noqa: ANN202 - a module
+def _load(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

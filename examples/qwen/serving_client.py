@@ -46,6 +46,10 @@ if __name__ == "__main__":
     parser.add_argument("--image", help="a PNG/JPEG file (default: a generated red square)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     a = parser.parse_args()
-    image = open(a.image, "rb").read() if a.image else demo_image()
+    if a.image:
+        with open(a.image, "rb") as f:
+            image = f.read()
+    else:
+        image = demo_image()
     print("REST:", ask_rest(a.prompt, image, a.max_new_tokens))
     print("ZMQ: ", ask_zmq(a.prompt, image, a.max_new_tokens))

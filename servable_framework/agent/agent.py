@@ -176,7 +176,7 @@ class Agent:
         if self.exit_code == 1:  # leaving on our own (signal, parent gone): tell the worker at once
             try:
                 await asyncio.wait_for(transport.send(self.sock, Kind.EXIT, {"rank": self.rank}), 0.5)
-            except Exception:  # noqa: BLE001 - the worker may be gone
+            except Exception:
                 pass
         self.sock.close(linger=200)
 
@@ -209,7 +209,7 @@ async def _amain(payload: dict[str, Any]) -> int:
         try:
             await asyncio.wait_for(transport.send(agent.sock, Kind.FAILED, {"rank": payload["rank"], "error": text}),
                                    0.5)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         agent.sock.close(linger=500)
         return 1

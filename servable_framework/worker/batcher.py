@@ -94,7 +94,8 @@ class ModelBatcher:
             streaming = getattr(self.backend, "run_streaming", None)
             try:
                 if streaming is not None:  # instances that finish early are answered early
-                    results = streaming([v for v, _ in live], lambda i, outs: _resolve(live[i][1], outs))
+                    futures = [f for _, f in live]
+                    results = streaming([v for v, _ in live], lambda i, outs: _resolve(futures[i], outs))
                 else:
                     results = self.backend.run([v for v, _ in live])
             except ServingError as exc:

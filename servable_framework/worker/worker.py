@@ -197,7 +197,7 @@ class Worker:
             batcher.close()
         try:
             await asyncio.wait_for(transport.send(self.sock, Kind.EXIT, {"worker_id": self.worker_id}), 1.0)
-        except Exception:  # noqa: BLE001 - Main may be gone already
+        except Exception:
             pass
         self.sock.close(linger=1000)  # let the last FAILED/EXIT frame reach Main
         self.ctx.term()

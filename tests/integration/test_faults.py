@@ -45,15 +45,15 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def agent_pids(agents_proc) -> list[int]:  # noqa: ANN001
+def agent_pids(agents_proc) -> list[int]:
     return sorted(p for p in children_of(agents_proc.pid) if "servable_framework.agent" in cmdline(p))
 
 
-def worker_pid(server) -> int:  # noqa: ANN001
+def worker_pid(server) -> int:
     return next(p for p in children_of(server.pid) if "servable_framework.worker" in cmdline(p))
 
 
-def predict(rest) -> httpx.Response:  # noqa: ANN001
+def predict(rest) -> httpx.Response:
     return rest.post("/model/matmul:predict", {"instances": [{"x": X}]})
 
 
@@ -62,7 +62,7 @@ def correct(r: httpx.Response) -> bool:
 
 
 @pytest.fixture
-def cluster(servers, matmul_dir):  # noqa: ANN001, ANN201
+def cluster(servers, matmul_dir):
     server, agents, rest, _ = start_cluster(servers, matmul_dir(2), 2, **FAST_HEARTBEAT)
     rest.wait_ready(server, 120)
     assert correct(predict(rest))
@@ -70,7 +70,7 @@ def cluster(servers, matmul_dir):  # noqa: ANN001, ANN201
     rest.close()
 
 
-def wait_error(rest, fragment: str, timeout_s: float = DETECT_S) -> str:  # noqa: ANN001
+def wait_error(rest, fragment: str, timeout_s: float = DETECT_S) -> str:
     """Poll with real requests until one fails with ``fragment``; returns the error text."""
     seen: list[str] = []
 
@@ -89,7 +89,7 @@ def assert_all_gone(timeout_s: float = 30.0) -> None:
     wait_until(lambda: not session_pids(), timeout_s, "every process of the servable to exit")
 
 
-def stop_and_check(server, agents) -> None:  # noqa: ANN001
+def stop_and_check(server, agents) -> None:
     """SIGTERM on Main must take the whole servable down, Agents included, without the test killing them."""
     server.signal(signal.SIGTERM)
     assert server.wait(30) == 0 or True
@@ -98,7 +98,7 @@ def stop_and_check(server, agents) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_one_agent_killed_then_recovers(cluster, sig) -> None:  # noqa: ANN001
+def test_one_agent_killed_then_recovers(cluster, sig) -> None:
     server, agents, rest = cluster
     victim = agent_pids(agents)[1]
     t0 = time.monotonic()
@@ -113,7 +113,7 @@ def test_one_agent_killed_then_recovers(cluster, sig) -> None:  # noqa: ANN001
     stop_and_check(server, agents)
 
 
-def test_agent_startup_process_killed(cluster, servers, matmul_dir) -> None:  # noqa: ANN001
+def test_agent_startup_process_killed(cluster, servers, matmul_dir) -> None:
     server, agents, rest = cluster
     old = agent_pids(agents)
     t0 = time.monotonic()
@@ -130,7 +130,7 @@ def test_agent_startup_process_killed(cluster, servers, matmul_dir) -> None:  # 
     stop_and_check(server, again)
 
 
-def test_distributed_worker_killed(cluster) -> None:  # noqa: ANN001
+def test_distributed_worker_killed(cluster) -> None:
     server, agents, rest = cluster
     t0 = time.monotonic()
     os.kill(worker_pid(server), signal.SIGKILL)
@@ -145,7 +145,7 @@ def test_distributed_worker_killed(cluster) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_main_killed_takes_everything_down(cluster, sig) -> None:  # noqa: ANN001
+def test_main_killed_takes_everything_down(cluster, sig) -> None:
     server, agents, rest = cluster
     server.signal(sig)
     # nobody else is signalled: the Worker (death pipe) and the Agents (told by the Worker) leave on their own
@@ -153,7 +153,7 @@ def test_main_killed_takes_everything_down(cluster, sig) -> None:  # noqa: ANN00
     assert_all_gone()
 
 
-def test_agent_killed_during_a_stream_of_requests(cluster) -> None:  # noqa: ANN001
+def test_agent_killed_during_a_stream_of_requests(cluster) -> None:
     server, agents, rest = cluster
     outcomes: list[tuple[float, str]] = []
     stop = threading.Event()

@@ -69,14 +69,14 @@ def linear_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarr
     return root, w.numpy().astype(np.float64), b.numpy().astype(np.float64)
 
 
-def batch_counts(rest) -> tuple[int, int]:  # noqa: ANN001
+def batch_counts(rest) -> tuple[int, int]:
     text = rest.get("/metrics").text
     b = sum(int(float(v)) for v in re.findall(r'^servable_model_batches_total\{[^}]*\} (\S+)', text, re.M))
     i = sum(int(float(v)) for v in re.findall(r'^servable_model_instances_total\{[^}]*\} (\S+)', text, re.M))
     return b, i
 
 
-def test_safetensors_module_batched_across_requests(servers, linear_dir) -> None:  # noqa: ANN001
+def test_safetensors_module_batched_across_requests(servers, linear_dir) -> None:
     root, w, b = linear_dir
     _, rest, zmq_address = servers.local(root, "linear")
     rng = np.random.default_rng(3)
@@ -97,7 +97,7 @@ def test_safetensors_module_batched_across_requests(servers, linear_dir) -> None
     np.testing.assert_allclose(ys[1], w[:, 3] + b, rtol=1e-5, atol=1e-5)
 
 
-def test_model_call_inside_a_stage(servers, linear_dir) -> None:  # noqa: ANN001
+def test_model_call_inside_a_stage(servers, linear_dir) -> None:
     root, w, b = linear_dir
     _, rest, _ = servers.local(root, "linear")
     x = np.array([0.5, -1.0, 2.0, 0.25])
@@ -107,7 +107,7 @@ def test_model_call_inside_a_stage(servers, linear_dir) -> None:  # noqa: ANN001
     np.testing.assert_allclose(np.array(r.json()["instances"][0]["y"]), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_dead_worker_is_restarted_by_main(servers, add_dir) -> None:  # noqa: ANN001
+def test_dead_worker_is_restarted_by_main(servers, add_dir) -> None:
     server, rest, _ = servers.local(add_dir, "add", SERVABLE_HEARTBEAT_INTERVAL_S="0.5",
                                     SERVABLE_HEARTBEAT_TIMEOUT_S="2")
     body = {"instances": [{"x1": [[1.0, 1.0], [1.0, 1.0]], "x2": [[1.0, 1.0], [1.0, 1.0]]}]}

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from servable_framework.client import Client
-from tests.support.procs import REPO, Rest, free_port, session_pids, child_env, wait_until
+from tests.support.procs import REPO, Rest, child_env, free_port, session_pids, wait_until
 
 
 def start_cluster(servers, servable_dir, ranks: int, wait: int = 0, agent_files: int | None = None,
-                  start_agents: bool = True, **env: str):  # noqa: ANN001, ANN201
+                  start_agents: bool = True, **env: str):
     rest_port, zmq_port, dist_port = free_port(), free_port(), free_port()
     address = f"127.0.0.1:{dist_port}"
     server = servers.start(["-m", "tests.support.serve", "distributed", "--dir", str(servable_dir), "--name", "matmul",
@@ -27,7 +27,7 @@ def start_cluster(servers, servable_dir, ranks: int, wait: int = 0, agent_files:
 
 
 @pytest.fixture(scope="module")
-def cluster(module_servers, matmul_dir):  # noqa: ANN001, ANN201
+def cluster(module_servers, matmul_dir):
     server, agents, rest, zmq_address = start_cluster(module_servers, matmul_dir(2), 2)
     rest.wait_ready(server, 120)
     yield server, agents, rest, zmq_address
@@ -38,7 +38,7 @@ def expected(x: np.ndarray) -> np.ndarray:
     return -(x.astype(np.float64) @ np.full((96, 16), 0.5)).astype(np.float32)
 
 
-def test_rest_answer(cluster) -> None:  # noqa: ANN001
+def test_rest_answer(cluster) -> None:
     _, _, rest, _ = cluster
     r = rest.post("/model/matmul:predict", {"instances": [{"x": np.ones((128, 96)).tolist()}]})
     assert r.status_code == 200
@@ -47,7 +47,7 @@ def test_rest_answer(cluster) -> None:  # noqa: ANN001
     assert (y == -48.0).all()
 
 
-def test_zmq_answer_several_instances(cluster) -> None:  # noqa: ANN001
+def test_zmq_answer_several_instances(cluster) -> None:
     _, _, rest, zmq_address = cluster
     rng = np.random.default_rng(1)
     xs = [rng.standard_normal((128, 96)).astype(np.float32) for _ in range(3)]
@@ -61,7 +61,7 @@ def test_zmq_answer_several_instances(cluster) -> None:  # noqa: ANN001
     np.testing.assert_allclose(np.array(via_rest["instances"][0]["y"], np.float32), result[0]["y"], rtol=1e-6)
 
 
-def test_bad_shape_is_an_instance_error_and_cluster_keeps_serving(cluster) -> None:  # noqa: ANN001
+def test_bad_shape_is_an_instance_error_and_cluster_keeps_serving(cluster) -> None:
     _, _, rest, _ = cluster
     r = rest.post("/model/matmul:predict", {"instances": [{"x": [[1.0, 2.0]]}]})
     assert "input x must be [rows, 96]" in r.json()["error_msg"]
@@ -69,7 +69,7 @@ def test_bad_shape_is_an_instance_error_and_cluster_keeps_serving(cluster) -> No
     assert (np.array(r.json()["instances"][0]["y"]) == -48.0).all()
 
 
-def test_agents_with_wrong_rank_count_fail_with_contract_message(servers, matmul_dir) -> None:  # noqa: ANN001
+def test_agents_with_wrong_rank_count_fail_with_contract_message(servers, matmul_dir) -> None:
     """A rank table with 3 ranks for a servable declared with rank_size=2."""
     d = matmul_dir(2)
     from tests.conftest import write_rank_table
@@ -82,7 +82,7 @@ def test_agents_with_wrong_rank_count_fail_with_contract_message(servers, matmul
     assert "not equal to 2 declared in servable config" in server.log()
 
 
-def test_no_agents_within_wait_time_fails_with_contract_message(servers, matmul_dir) -> None:  # noqa: ANN001
+def test_no_agents_within_wait_time_fails_with_contract_message(servers, matmul_dir) -> None:
     server, _, _, _ = start_cluster(servers, matmul_dir(2), 2, wait=5, start_agents=False)
     start = time.monotonic()
     code = server.wait(60)
@@ -92,7 +92,7 @@ def test_no_agents_within_wait_time_fails_with_contract_message(servers, matmul_
     wait_until(lambda: not any(p for p in session_pids() if p == server.pid), 10, "server gone")
 
 
-def test_agents_failing_to_load_fail_the_start(servers, matmul_dir, tmp_path) -> None:  # noqa: ANN001
+def test_agents_failing_to_load_fail_the_start(servers, matmul_dir, tmp_path) -> None:
     d = matmul_dir(2)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
@@ -110,7 +110,7 @@ def test_agents_failing_to_load_fail_the_start(servers, matmul_dir, tmp_path) ->
 
 
 @pytest.mark.slow
-def test_example_8_ranks_as_documented(servers) -> None:  # noqa: ANN001
+def test_example_8_ranks_as_documented(servers) -> None:
     """examples/matmul_distributed run as its README says: from its folder, fixed example addresses."""
     example = REPO / "examples" / "matmul_distributed"
     server = servers.start(["serving_server.py"], "example-server", cwd=example)
@@ -129,7 +129,7 @@ def test_example_8_ranks_as_documented(servers) -> None:  # noqa: ANN001
     rest.close()
 
 
-def test_pipeline_stages_with_batching(servers, matmul_dir) -> None:  # noqa: ANN001
+def test_pipeline_stages_with_batching(servers, matmul_dir) -> None:
     """2 stages x 2 TP: activations flow stage to stage over torch.distributed send/recv; concurrent
     requests are batched and two batches may be in flight."""
     from concurrent.futures import ThreadPoolExecutor

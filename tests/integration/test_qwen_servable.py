@@ -36,7 +36,7 @@ def png(color: str = "red", size: tuple[int, int] = (96, 64)) -> bytes:
     return buf.getvalue()
 
 
-def start_qwen(servers, ckpt: Path, tp: int, stages: int = 1, **env: str):  # noqa: ANN001, ANN201
+def start_qwen(servers, ckpt: Path, tp: int, stages: int = 1, **env: str):
     """Start examples/qwen's server and agents as documented, on free ports."""
     rest_port, zmq_port, dist_port = free_port(), free_port(), free_port()
     dist = f"127.0.0.1:{dist_port}"
@@ -53,7 +53,7 @@ def start_qwen(servers, ckpt: Path, tp: int, stages: int = 1, **env: str):  # no
 
 
 @pytest.fixture(scope="module")
-def qwen(module_servers, tiny_ckpt):  # noqa: ANN001, ANN201
+def qwen(module_servers, tiny_ckpt):
     # a generous batch window so that concurrent requests in test_concurrent_requests_are_batched meet
     server, agents, rest, zmq_address = start_qwen(module_servers, tiny_ckpt, tp=2, QWEN_MAX_BATCH_DELAY_MS="50")
     yield server, agents, rest, zmq_address
@@ -61,7 +61,7 @@ def qwen(module_servers, tiny_ckpt):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_ckpt):  # noqa: ANN001, ANN201
+def reference(tiny_ckpt):
     """Greedy text from the unsharded HF model, prepared with the stock processor calls (not the servable's code)."""
     import torch
     from PIL import Image
@@ -85,11 +85,11 @@ def reference(tiny_ckpt):  # noqa: ANN001, ANN201
     return generate
 
 
-def predict(rest: Rest, instances: list[dict]):  # noqa: ANN201
+def predict(rest: Rest, instances: list[dict]):
     return rest.post("/model/qwen:predict", {"instances": instances})
 
 
-def test_text_and_image_match_the_unsharded_model(qwen, reference) -> None:  # noqa: ANN001
+def test_text_and_image_match_the_unsharded_model(qwen, reference) -> None:
     _, _, rest, _ = qwen
     image = png()
     r = predict(rest, [{"prompt": "What is in this picture?", "image": {"b64": base64.b64encode(image).decode()},
@@ -98,7 +98,7 @@ def test_text_and_image_match_the_unsharded_model(qwen, reference) -> None:  # n
     assert r.json()["instances"][0]["text"] == reference("What is in this picture?", image, 12)
 
 
-def test_text_only_and_several_instances(qwen, reference) -> None:  # noqa: ANN001
+def test_text_only_and_several_instances(qwen, reference) -> None:
     _, _, rest, _ = qwen
     prompts = ["Hello, world!", "Describe a red square.", "The quick brown fox"]
     r = predict(rest, [{"prompt": p, "max_new_tokens": n} for p, n in zip(prompts, (5, 9, 3))])
@@ -107,7 +107,7 @@ def test_text_only_and_several_instances(qwen, reference) -> None:  # noqa: ANN0
     assert texts == [reference(p, None, n) for p, n in zip(prompts, (5, 9, 3))]
 
 
-def test_messages_form(qwen, reference) -> None:  # noqa: ANN001
+def test_messages_form(qwen, reference) -> None:
     _, _, rest, _ = qwen
     image = png("blue")
     url = "data:image/png;base64," + base64.b64encode(image).decode()
@@ -118,7 +118,7 @@ def test_messages_form(qwen, reference) -> None:  # noqa: ANN001
     assert r.json()["instances"][0]["text"] == reference("What color?", image, 6)
 
 
-def test_zmq_client_same_answer(qwen) -> None:  # noqa: ANN001
+def test_zmq_client_same_answer(qwen) -> None:
     _, _, rest, zmq_address = qwen
     image = png("green")
     via_rest = predict(rest, [{"prompt": "Hi", "image": {"b64": base64.b64encode(image).decode()},
@@ -128,7 +128,7 @@ def test_zmq_client_same_answer(qwen) -> None:  # noqa: ANN001
     assert via_zmq == [{"text": via_rest["instances"][0]["text"]}]
 
 
-def test_sampling_is_seeded(qwen) -> None:  # noqa: ANN001
+def test_sampling_is_seeded(qwen) -> None:
     _, _, rest, _ = qwen
     inst = {"prompt": "Tell me a story", "max_new_tokens": 10, "temperature": 1.5, "top_k": 50, "top_p": 0.95}
     a = predict(rest, [{**inst, "seed": 7}, {**inst, "seed": 7}, {**inst, "seed": 8}]).json()["instances"]
@@ -151,7 +151,7 @@ def test_sampling_is_seeded(qwen) -> None:  # noqa: ANN001
         "url": "file:///etc/passwd"}}]}])}, 400, "image parts must carry a data:image"),
 ])
 def test_bad_requests_get_contract_errors_and_server_keeps_serving(qwen, reference, instance, status,
-                                                                     fragment) -> None:  # noqa: ANN001
+                                                                     fragment) -> None:
     _, _, rest, _ = qwen
     r = predict(rest, [instance])
     assert r.status_code == status, r.text
@@ -160,7 +160,7 @@ def test_bad_requests_get_contract_errors_and_server_keeps_serving(qwen, referen
     assert ok.json()["instances"][0]["text"] == reference("Hello, world!", None, 4)
 
 
-def test_bad_instance_among_good_ones(qwen, reference) -> None:  # noqa: ANN001
+def test_bad_instance_among_good_ones(qwen, reference) -> None:
     _, _, rest, _ = qwen
     r = predict(rest, [{"prompt": "Hello, world!", "max_new_tokens": 4}, {"prompt": "x", "max_new_tokens": 0}])
     out = r.json()["instances"]
@@ -177,7 +177,7 @@ def batch_counts(rest: Rest) -> tuple[int, int]:
     return b, i
 
 
-def test_concurrent_requests_are_batched_and_answers_unchanged(qwen, reference) -> None:  # noqa: ANN001
+def test_concurrent_requests_are_batched_and_answers_unchanged(qwen, reference) -> None:
     """Requests from 8 clients are generated together (left padding, per-request stop and length) and each
     answer equals the unbatched reference, in order."""
     from tests.support.procs import wait_until
@@ -197,7 +197,7 @@ def test_concurrent_requests_are_batched_and_answers_unchanged(qwen, reference) 
     assert b1 - b0 < 8, f"no two requests were batched together ({b1 - b0} batches for 8 instances)"
 
 
-def test_pipeline_stages_give_the_same_answers(servers, tiny_ckpt, reference) -> None:  # noqa: ANN001
+def test_pipeline_stages_give_the_same_answers(servers, tiny_ckpt, reference) -> None:
     """stage_size=2 x TP=2 (4 Agents): REST and ZMQ answers equal the unsharded model's, as with TP only."""
     _, _, rest, zmq_address = start_qwen(servers, tiny_ckpt, tp=2, stages=2)
     image = png("yellow")
@@ -212,7 +212,7 @@ def test_pipeline_stages_give_the_same_answers(servers, tiny_ckpt, reference) ->
     rest.close()
 
 
-def test_finished_request_leaves_the_batch_early(qwen, reference) -> None:  # noqa: ANN001
+def test_finished_request_leaves_the_batch_early(qwen, reference) -> None:
     """A short request batched with a long one is answered when it is done, not when the batch is."""
     import threading
 

@@ -12,7 +12,7 @@ from servable_framework.client import Client
 
 
 @pytest.fixture(scope="module")
-def add_server(module_servers, add_dir):  # noqa: ANN001, ANN201
+def add_server(module_servers, add_dir):
     proc, rest, zmq_address = module_servers.local(add_dir, "add")
     yield proc, rest, zmq_address
     rest.close()
@@ -22,7 +22,7 @@ def b64(arr: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode()
 
 
-def test_nested_list_floats(add_server) -> None:  # noqa: ANN001
+def test_nested_list_floats(add_server) -> None:
     _, rest, _ = add_server
     x1 = [[1.5, 2.0], [3.0, -4.25]]
     x2 = [[0.5, 0.25], [10.0, 4.0]]
@@ -31,7 +31,7 @@ def test_nested_list_floats(add_server) -> None:  # noqa: ANN001
     assert r.json() == {"instances": [{"y": (np.array(x1) + np.array(x2)).tolist()}]}
 
 
-def test_typed_b64_tensors_and_several_instances(add_server) -> None:  # noqa: ANN001
+def test_typed_b64_tensors_and_several_instances(add_server) -> None:
     _, rest, _ = add_server
     rng = np.random.default_rng(0)
     pairs = [(rng.standard_normal((2, 2)).astype(np.float32), rng.standard_normal((2, 2)).astype(np.float32))
@@ -46,7 +46,7 @@ def test_typed_b64_tensors_and_several_instances(add_server) -> None:  # noqa: A
         np.testing.assert_allclose(y, a + b, rtol=1e-6)
 
 
-def test_single_object_shorthand_and_version_url(add_server) -> None:  # noqa: ANN001
+def test_single_object_shorthand_and_version_url(add_server) -> None:
     _, rest, _ = add_server
     body = {"instances": {"x1": [[1.0, 1.0], [1.0, 1.0]], "x2": [[2.0, 2.0], [2.0, 2.0]]}}
     for url in ("/model/add:add_common", "/model/add/version/1:add_common", "/model/add/version/0:add_common"):
@@ -55,7 +55,7 @@ def test_single_object_shorthand_and_version_url(add_server) -> None:  # noqa: A
         assert r.json() == {"instances": [{"y": [[3.0, 3.0], [3.0, 3.0]]}]}
 
 
-def test_add_cast_accepts_ints(add_server) -> None:  # noqa: ANN001
+def test_add_cast_accepts_ints(add_server) -> None:
     _, rest, _ = add_server
     r = rest.post("/model/add:add_cast", {"instances": [{"x1": [[1, 2], [3, 4]], "x2": [[5, 6], [7, 8]]}]})
     assert r.json() == {"instances": [{"y": [[6.0, 8.0], [10.0, 12.0]]}]}
@@ -83,7 +83,7 @@ def test_add_cast_accepts_ints(add_server) -> None:  # noqa: ANN001
     ("/model/add:add_common", {"instances": [{"x1": {"b64": "@@@", "type": "fp32"}, "x2": 1.0}]}, 400,
      "is illegal b64 encode string"),
 ])
-def test_error_bodies(add_server, path, body, status, fragment) -> None:  # noqa: ANN001
+def test_error_bodies(add_server, path, body, status, fragment) -> None:
     _, rest, _ = add_server
     r = rest.post(path, body)
     assert r.status_code == status, r.text
@@ -92,7 +92,7 @@ def test_error_bodies(add_server, path, body, status, fragment) -> None:  # noqa
     assert fragment in payload["error_msg"]
 
 
-def test_per_instance_error_keeps_other_instances(add_server) -> None:  # noqa: ANN001
+def test_per_instance_error_keeps_other_instances(add_server) -> None:
     _, rest, _ = add_server
     good = {"x1": [[1.0, 1.0], [1.0, 1.0]], "x2": [[1.0, 1.0], [1.0, 1.0]]}
     bad = {"x1": [[1, 1], [1, 1]], "x2": [[1, 1], [1, 1]]}  # int32 into the float32 model
@@ -103,14 +103,14 @@ def test_per_instance_error_keeps_other_instances(add_server) -> None:  # noqa: 
     assert "data type int32 not match" in out[1]["error_msg"]
 
 
-def test_only_post(add_server) -> None:  # noqa: ANN001
+def test_only_post(add_server) -> None:
     _, rest, _ = add_server
     r = rest.client.get("/model/add:add_common")
     assert r.status_code == 405
     assert r.json() == {"error_msg": "http message only support POST right now"}
 
 
-def test_health_ready_metrics(add_server) -> None:  # noqa: ANN001
+def test_health_ready_metrics(add_server) -> None:
     _, rest, _ = add_server
     assert rest.get("/health").status_code == 200
     ready = rest.get("/ready")
@@ -119,7 +119,7 @@ def test_health_ready_metrics(add_server) -> None:  # noqa: ANN001
     assert "servable_requests_total" in metrics and 'servable_ready{servable="add"} 1.0' in metrics
 
 
-def test_zmq_client_matches_rest(add_server) -> None:  # noqa: ANN001
+def test_zmq_client_matches_rest(add_server) -> None:
     _, rest, zmq_address = add_server
     x1 = np.arange(4, dtype=np.float32).reshape(2, 2)
     x2 = np.full((2, 2), 0.5, np.float32)
@@ -133,7 +133,7 @@ def test_zmq_client_matches_rest(add_server) -> None:  # noqa: ANN001
     np.testing.assert_array_equal(np.array(via_rest["instances"][0]["y"], np.float32), result[0]["y"])
 
 
-def test_zmq_client_errors(add_server) -> None:  # noqa: ANN001
+def test_zmq_client_errors(add_server) -> None:
     _, _, zmq_address = add_server
     ok = np.ones((2, 2), np.float32)
     with Client(zmq_address, "add", "add_common") as client:

@@ -19,7 +19,7 @@ from servable_framework.transport import parse_address
 from servable_framework.wire import PROTOCOL_VERSION, Kind, decode_instances, encode_instances, pack, unpack
 
 
-def roundtrip(instances):  # noqa: ANN001, ANN201
+def roundtrip(instances):
     buffers: list = []
     header = encode_instances(instances, buffers)
     frames = pack(Kind.PREDICT, {"instances": header}, buffers)
