@@ -172,12 +172,16 @@ class Client:
         address: ``"ip:port"`` or ``"unix:path"`` of `server.start_zmq_server`.
         servable_name, method_name: what to call; version_number: 0 = the newest running version.
         ssl_config: not supported (must be None).
-        timeout_s: per-request deadline (also sent to the server, which stops waiting then too).
+        timeout_s: per-request deadline, sent to the server (which stops waiting then too). None: the
+            servable's own deadline applies (its ``request_timeout_s``, else Main's, 100 s by default) and the
+            client gives up locally after ``LOCAL_TIMEOUT_S``, so a call never blocks forever.
         connect_timeout_s: how long a request waits for a connection before failing as unavailable.
     """
 
+    LOCAL_TIMEOUT_S = 600.0
+
     def __init__(self, address: str, servable_name: str, method_name: str, version_number: int = 0,
-                 ssl_config: Any = None, *, timeout_s: float = 100.0, connect_timeout_s: float = 3.0) -> None:
+                 ssl_config: Any = None, *, timeout_s: float | None = None, connect_timeout_s: float = 3.0) -> None:
         checks.check_str("address", address)
         self.servable = checks.check_str("servable_name", servable_name)
         self.method = checks.check_str("method_name", method_name)
@@ -194,14 +198,17 @@ class Client:
         buffers: list[Any] = []
         items = _instances(instances)
         rid = next(_Channel._ids)
-        header = {"id": rid, "servable": self.servable, "method": self.method, "version": self.version,
-                  "timeout_s": self.timeout_s,
-                  "instances": [{k: encode_value(v, buffers) for k, v in inst.items()} for inst in items]}
+        header: dict[str, Any] = {"id": rid, "servable": self.servable, "method": self.method,
+                                  "version": self.version,
+                                  "instances": [{k: encode_value(v, buffers) for k, v in inst.items()} for inst in items]}
+        if self.timeout_s is not None:
+            header["timeout_s"] = self.timeout_s
         size = sum(len(memoryview(b)) for b in buffers)
         if size > CLIENT_MAX_BYTES:
             fut.set_result({"error": f"{RESOURCE_EXHAUSTED}, request of {size} bytes is over the client limit"})
             return fut
-        self._channel.submit(rid, pack(Kind.PREDICT, header, buffers), fut, time.monotonic() + self.timeout_s + 1.0)
+        local = self.timeout_s + 1.0 if self.timeout_s is not None else self.LOCAL_TIMEOUT_S
+        self._channel.submit(rid, pack(Kind.PREDICT, header, buffers), fut, time.monotonic() + local)
         return fut
 
     def infer(self, instances: Any) -> Reply:

@@ -86,7 +86,9 @@ class Master:
             raise RuntimeError("Serving Error: RESTful server is already running")
         ip, port = transport.parse_address(address, "RESTful server", allow_unix=False)
         assert port is not None
-        sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+        # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then (else every
+        # keep-alive response waits ~40 ms for the client's delayed ACK)
+        sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             if not transport.valid_ip(ip):

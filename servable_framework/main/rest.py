@@ -69,7 +69,13 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/{path:path}", predict, methods=methods),
     ]
-    return Starlette(routes=routes)
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own 404/405 (paths no route matches, e.g. with a newline) in the contract's body shape."""
+        status = getattr(exc, "status_code", 500)
+        text = "please check url, the keyword:[model] must contain." if status == 404 else str(exc)
+        return JSONResponse({"error_msg": text}, status_code=status)
+
+    return Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:

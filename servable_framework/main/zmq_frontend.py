@@ -24,6 +24,7 @@ from servable_framework.wire import Kind, decode_instances, encode_value, unpack
 
 log = logging.getLogger("servable_framework.zmq")
 
+HARD_MAX_BYTES = 513 * 1024 * 1024
 STATUS_CODES = {"InvalidInput": 2, "NotFound": 5, "Unavailable": 5, "Overloaded": 4, "PayloadTooLarge": 8,
                 "RequestTimeout": 4}
 
@@ -36,8 +37,10 @@ class ZmqFrontend:
     def __init__(self, ctx: zmq.asyncio.Context, address: str, dispatcher: Dispatcher, max_msg_bytes: int) -> None:
         self.dispatcher = dispatcher
         self.max_msg_bytes = max_msg_bytes
-        # a hard guard against absurd frames; messages up to the limit (+header slack) get a proper error reply
-        self.sock = transport.async_socket(ctx, zmq.ROUTER, max_msg_bytes=2 * max_msg_bytes + (1 << 20))
+        # libzmq drops a connection (silently) whose message exceeds MAXMSGSIZE, so it is set to the largest
+        # limit a server may have (512 MB, the client's limit too) plus slack for the header: anything up to
+        # that gets a proper "resource exhausted" reply from the size check in `_handle`.
+        self.sock = transport.async_socket(ctx, zmq.ROUTER, max_msg_bytes=HARD_MAX_BYTES)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a client that left just loses its reply
         self.sock.bind(transport.zmq_endpoint(address, "Serving gRPC"))
         self._task: asyncio.Task[None] | None = None
@@ -58,10 +61,11 @@ class ZmqFrontend:
         request_id: Any = None
         try:
             size = sum(len(f.buffer) for f in frames[1:])
-            if size > self.max_msg_bytes:
-                raise PayloadTooLarge(f"resource exhausted: message size {size} is bigger than {self.max_msg_bytes}")
+            # the header is small and parsed even for an oversize message, so its reply carries the request id
             kind, header, buffers = unpack([f.buffer for f in frames[1:]])
             request_id = header.get("id")
+            if size > self.max_msg_bytes:
+                raise PayloadTooLarge(f"resource exhausted: message size {size} is bigger than {self.max_msg_bytes}")
             if kind is not Kind.PREDICT:
                 raise InvalidInput(f"unexpected message kind {kind.name}")
             servable, method, version = header.get("servable"), header.get("method"), header.get("version", 0)

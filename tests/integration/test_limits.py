@@ -150,8 +150,6 @@ def test_request_timeout_servable_default_rest_header_and_zmq(slow_server) -> No
     assert proc.alive()
 
 
-@pytest.mark.xfail(strict=True, reason="Client always sends timeout_s (default 100) in the ZMQ header, so the "
-                                       "servable's own request_timeout_s never applies to ZMQ clients")
 def test_servable_default_timeout_applies_to_default_zmq_client(slow_server) -> None:
     _, _, zmq_address = slow_server
     with Client(zmq_address, "slow", "sleep") as client:  # no timeout_s: the servable's 1 s should apply
@@ -233,9 +231,6 @@ def test_max_message_size_zmq(limited_add_server) -> None:
     assert_add_works(rest, zmq_address)
 
 
-@pytest.mark.xfail(strict=True, reason="zmq_frontend.ZmqFrontend._handle raises PayloadTooLarge before reading the "
-                                       "header, so the error reply carries id None and the Client, which matches "
-                                       "replies by id, drops it and waits for its whole deadline")
 def test_max_message_size_zmq_client(limited_add_server) -> None:
     proc, rest, zmq_address = limited_add_server
     big = np.ones((ONE_MB // 4 + 1024,), np.float32)  # ~1.004 MB of tensor data
@@ -250,9 +245,6 @@ def test_max_message_size_zmq_client(limited_add_server) -> None:
     assert took < 2, took
 
 
-@pytest.mark.xfail(strict=True, reason="zmq_frontend sets MAXMSGSIZE=2*limit+1MB on the ROUTER socket: a bigger "
-                                       "message makes libzmq drop the connection silently, so the sender never "
-                                       "gets the RESOURCE_EXHAUSTED answer")
 def test_far_oversize_zmq_message_is_answered(limited_add_server) -> None:
     proc, rest, zmq_address = limited_add_server
     ctx, sock = _raw_dealer(zmq_address, timeout_ms=3000)
