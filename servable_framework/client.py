@@ -198,9 +198,9 @@ class Client:
         buffers: list[Any] = []
         items = _instances(instances)
         rid = next(_Channel._ids)
+        encoded = [{k: encode_value(v, buffers) for k, v in inst.items()} for inst in items]
         header: dict[str, Any] = {"id": rid, "servable": self.servable, "method": self.method,
-                                  "version": self.version,
-                                  "instances": [{k: encode_value(v, buffers) for k, v in inst.items()} for inst in items]}
+                                  "version": self.version, "instances": encoded}
         if self.timeout_s is not None:
             header["timeout_s"] = self.timeout_s
         size = sum(len(memoryview(b)) for b in buffers)

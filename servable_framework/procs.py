@@ -90,24 +90,16 @@ def watch_parent(on_death: Callable[[], None]) -> None:
 
 
 def terminate(children: Iterable[Child], grace_s: float = 10.0) -> None:
-    """SIGTERM every live child, wait up to ``grace_s`` in total, then SIGKILL the rest. Idempotent."""
-    children = list(children)
-    for child in children:
-        child.close_pipe()
-        if child.alive():
-            _signal(child, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for child in children:
-        try:
-            child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) did not stop within %.0f s, killing it", child.name, child.pid, grace_s)
-            _signal(child, signal.SIGKILL)
-            child.proc.wait()
+    """SIGTERM every live child, wait up to ``grace_s`` in total, then SIGKILL the rest. Idempotent.
+    For threads without an event loop; on a loop use `aterminate` (the same escalation)."""
+    import asyncio
+
+    asyncio.run(aterminate(children, grace_s))
 
 
 async def aterminate(children: Iterable[Child], grace_s: float = 10.0) -> None:
-    """`terminate` for an asyncio loop: never blocks the loop, needs no executor (works during interpreter exit)."""
+    """The one shutdown escalation: SIGTERM, wait up to ``grace_s`` in total, SIGKILL the rest. Never blocks
+    the loop and needs no executor, so it also works while the interpreter is exiting."""
     import asyncio
 
     children = list(children)

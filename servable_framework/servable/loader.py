@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from servable_framework.servable.declare import Model, ServableBuilder
-from servable_framework.servable.spec import ServableSpec
+from servable_framework.servable.spec import MethodSpec, ServableSpec
 
 
 @dataclass
@@ -68,18 +68,16 @@ def load_servable(directory: str, name: str) -> LoadedServable:
     for method in spec.methods.values():
         for k, stage in enumerate(method.stages, start=1):
             for ref in stage.inputs:
-                _check_ref(method.name, ref.stage, ref.index, k, spec, method)
+                _check_ref(method, ref.stage, ref.index, k)
         for ref in method.returns:
-            _check_ref(method.name, ref.stage, ref.index, len(method.stages) + 1, spec, method)
+            _check_ref(method, ref.stage, ref.index, len(method.stages) + 1)
     return LoadedServable(spec, builder.handles)
 
 
-def _check_ref(method_name: str, stage: int, index: int, at: int, spec: ServableSpec, method: object) -> None:
-    from servable_framework.servable.spec import MethodSpec
-
-    assert isinstance(method, MethodSpec)
+def _check_ref(method: MethodSpec, stage: int, index: int, at: int) -> None:
+    """Stage ``at`` may only read an existing output of an earlier stage (0 = the method inputs)."""
     count = len(method.input_names) if stage == 0 else (
         method.stages[stage - 1].outputs_count if 0 < stage < at else -1)
     if not 0 <= index < count:
-        raise RuntimeError(f"Method {method_name}: stage {at} uses output {index} of stage {stage}, which does not "
+        raise RuntimeError(f"Method {method.name}: stage {at} uses output {index} of stage {stage}, which does not "
                            f"exist")

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
+from functools import partial
 from typing import Protocol
 
 from servable_framework.errors import ServingError
@@ -94,8 +95,7 @@ class ModelBatcher:
             streaming = getattr(self.backend, "run_streaming", None)
             try:
                 if streaming is not None:  # instances that finish early are answered early
-                    futures = [f for _, f in live]
-                    results = streaming([v for v, _ in live], lambda i, outs: _resolve(futures[i], outs))
+                    results = streaming([v for v, _ in live], partial(_resolve_nth, [f for _, f in live]))
                 else:
                     results = self.backend.run([v for v, _ in live])
             except ServingError as exc:
@@ -105,6 +105,10 @@ class ModelBatcher:
                 results = [ServingError(f"{type(exc).__name__}: {exc}")] * len(live)
             for (_, fut), res in zip(live, results):
                 _resolve(fut, res)
+
+
+def _resolve_nth(futures: list[Future[Outputs]], index: int, result: Outputs | ServingError) -> None:
+    _resolve(futures[index], result)
 
 
 def _resolve(fut: Future[Outputs], result: Outputs | ServingError) -> None:

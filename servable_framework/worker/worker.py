@@ -27,6 +27,7 @@ from servable_framework.servable.loader import LoadedServable, load_servable, re
 from servable_framework.wire import Kind, Value, decode_instances, encode_instances, unpack
 from servable_framework.worker.batcher import ModelBatcher
 from servable_framework.worker.pipeline import MethodRunner
+from servable_framework.worker.values import from_stage_output
 
 log = logging.getLogger("servable_framework.worker")
 
@@ -102,7 +103,7 @@ class Worker:
             batcher = self.batchers[handle.spec.key]
 
             def call(instances: list[list[Any]], batcher: ModelBatcher = batcher) -> list[list[Value]]:
-                futures = batcher.submit([[_as_value(v) for v in inst] for inst in instances])
+                futures = batcher.submit([[from_stage_output(v) for v in inst] for inst in instances])
                 out = []
                 for fut in futures:
                     try:
@@ -201,12 +202,6 @@ class Worker:
             pass
         self.sock.close(linger=1000)  # let the last FAILED/EXIT frame reach Main
         self.ctx.term()
-
-
-def _as_value(v: Any) -> Value:
-    from servable_framework.worker.values import from_stage_output
-
-    return from_stage_output(v)
 
 
 async def _amain(payload: dict[str, Any]) -> int:
