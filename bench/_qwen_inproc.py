@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import io
 import json
 import os
 import sys
@@ -28,14 +27,11 @@ sys.path.insert(0, str(REPO))
 
 
 def demo_image() -> bytes:
-    """The picture examples/qwen/serving_client.py sends: a red square on white, 96x64 PNG."""
-    from PIL import Image, ImageDraw
+    """The picture examples/qwen/serving_client.py sends (a red square on white, 96x64 PNG)."""
+    sys.path.insert(0, str(REPO / "examples" / "qwen"))
+    from serving_client import demo_image as example_image
 
-    img = Image.new("RGB", (96, 64), "white")
-    ImageDraw.Draw(img).rectangle([20, 12, 70, 52], fill="red")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return example_image()
 
 
 def load_servable_functions():
