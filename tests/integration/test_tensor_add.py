@@ -82,6 +82,9 @@ def test_add_cast_accepts_ints(add_server) -> None:
     ("/model/add:add_common", {"instances": []}, 400, "instances value is array type, but no value"),
     ("/model/add:add_common", {"instances": [{"x1": {"b64": "@@@", "type": "fp32"}, "x2": 1.0}]}, 400,
      "is illegal b64 encode string"),
+    # found by the REST fuzz test: a string into add_cast's preprocess (was a 500)
+    ("/model/add:add_cast", {"instances": {"x1": [[0.0, 0.0], [0.0, 0.0]], "x2": ""}}, 400,
+     "Call Function 'add.add_trans_datatype' Failed, method: 'add_cast', stage index(begin with 1): 1"),
 ])
 def test_error_bodies(add_server, path, body, status, fragment) -> None:
     _, rest, _ = add_server

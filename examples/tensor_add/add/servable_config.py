@@ -7,7 +7,8 @@ from servable_framework.server import register
 
 def add_trans_datatype(x1, x2):
     """Preprocess: cast both inputs to float32 (two inputs, two outputs)."""
-    return x1.astype(np.float32), x2.astype(np.float32)
+    # np.asarray: a non-numeric input (a string) fails with ValueError, i.e. a clean "bad input" (HTTP 400)
+    return np.asarray(x1).astype(np.float32), np.asarray(x2).astype(np.float32)
 
 
 # with_batch_dim=False: the model takes exactly one 2x2 instance per call.
