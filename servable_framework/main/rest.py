@@ -56,8 +56,10 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
 
     async def ready(_: Request) -> Response:
         servables = dispatcher.ready()
-        ok = bool(servables) and all(s["ready"] for s in servables.values())
-        return JSONResponse({"ready": ok, "servables": servables}, status_code=200 if ok else 503)
+        # a draining Main is not ready: load balancers stop sending while in-flight requests finish
+        ok = bool(servables) and all(s["ready"] for s in servables.values()) and not dispatcher.draining
+        return JSONResponse({"ready": ok, "draining": dispatcher.draining, "servables": servables},
+                            status_code=200 if ok else 503)
 
     async def metrics(_: Request) -> Response:
         return PlainTextResponse(_prometheus(dispatcher), media_type="text/plain; version=0.0.4")

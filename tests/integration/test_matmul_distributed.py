@@ -12,13 +12,15 @@ from tests.support.procs import REPO, Rest, child_env, free_port, session_pids, 
 
 
 def start_cluster(servers, servable_dir, ranks: int, wait: int = 0, agent_files: int | None = None,
-                  start_agents: bool = True, **env: str):
+                  start_agents: bool = True, also: list[str] | None = None, **env: str):
+    """Main + Distributed Worker for `matmul` (plus ``also`` = [dir, name] of a local servable), and its Agents."""
     rest_port, zmq_port, dist_port = free_port(), free_port(), free_port()
     address = f"127.0.0.1:{dist_port}"
     server = servers.start(["-m", "tests.support.serve", "distributed", "--dir", str(servable_dir), "--name", "matmul",
                             "--rank-table", str(servable_dir / f"rank_table_{ranks}pcs.json"), "--dist-address",
                             address, "--wait", str(wait), "--rest", f"127.0.0.1:{rest_port}", "--zmq",
-                            f"127.0.0.1:{zmq_port}"], "server", env=child_env(**env))
+                            f"127.0.0.1:{zmq_port}", *(["--also-local", *also] if also else [])], "server",
+                           env=child_env(**env))
     agents = None
     if start_agents:
         files = [str(servable_dir / "model" / f"device{i}" / "matmul.safetensors") for i in range(agent_files or ranks)]

@@ -20,7 +20,10 @@ def main() -> None:
     p.add_argument("--dist-address")
     p.add_argument("--wait", type=int, default=0)
     p.add_argument("--max-msg-mb", type=int, default=100)
+    p.add_argument("--also-local", nargs=2, metavar=("DIR", "NAME"), help="a second, local servable in the same Main")
     a = p.parse_args()
+    if a.also_local:
+        server.start_servables(server.ServableStartConfig(a.also_local[0], a.also_local[1], device_ids=0))
     if a.mode == "local":
         server.start_servables(server.ServableStartConfig(a.dir, a.name, device_ids=a.device_ids))
     else:
