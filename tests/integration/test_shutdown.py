@@ -15,7 +15,7 @@ from tests.integration.test_matmul_distributed import start_cluster
 from tests.support.procs import wait_until
 
 
-def test_sigterm_drains_in_flight_requests(servers, tmp_path) -> None:  # noqa: ANN001
+def test_sigterm_drains_in_flight_requests(servers, tmp_path) -> None:
     server, rest, _ = servers.local(make_slow_dir(tmp_path / "svc"), "slow")
     result: dict[str, httpx.Response] = {}
 
@@ -37,7 +37,7 @@ def test_sigterm_drains_in_flight_requests(servers, tmp_path) -> None:  # noqa: 
     assert_all_gone()
 
 
-def test_other_servables_keep_serving_when_agents_fail(servers, matmul_dir, add_dir) -> None:  # noqa: ANN001
+def test_other_servables_keep_serving_when_agents_fail(servers, matmul_dir, add_dir) -> None:
     server, agents, rest, _ = start_cluster(servers, matmul_dir(2), 2, also=[str(add_dir), "add"], **FAST_HEARTBEAT)
     rest.wait_ready(server, 120)
     body = {"instances": [{"x1": np.ones((2, 2)).tolist(), "x2": np.ones((2, 2)).tolist()}]}
