@@ -31,6 +31,8 @@ class Dispatcher:
         self.settings = settings
         self._ids = itertools.count(1)
         self.inflight = 0
+        self.idle = asyncio.Event()  # set whenever no request is in flight (what a drain waits for)
+        self.idle.set()
         self.draining = False
         self.stats = {"requests": 0, "errors": 0, "rejected": 0}
 
@@ -78,6 +80,7 @@ class Dispatcher:
                     raise InvalidInput(f"Cannot find input {name} in instance input , servable {servable}, "
                                        f"method {method}")
         self.inflight += 1
+        self.idle.clear()
         try:
             timeout = timeout_s or handle.request_timeout_s or self.settings.request_timeout_s
             return await self._call(handle, method, instances, timeout)
@@ -86,6 +89,8 @@ class Dispatcher:
             raise
         finally:
             self.inflight -= 1
+            if not self.inflight:
+                self.idle.set()
 
     async def _call(self, handle: WorkerHandle, method: str, instances: list[Instance],
                     timeout_s: float) -> list[Result]:

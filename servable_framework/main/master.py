@@ -14,7 +14,6 @@ import logging
 import signal
 import socket
 import threading
-import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -144,10 +143,9 @@ class Master:
 
     async def _shutdown(self) -> None:
         self.dispatcher.draining = True  # new requests get 503 from now on
-        deadline = time.monotonic() + self.settings.graceful_timeout_s
-        while self.dispatcher.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.dispatcher.inflight:
+        try:
+            await asyncio.wait_for(self.dispatcher.idle.wait(), self.settings.graceful_timeout_s)
+        except asyncio.TimeoutError:
             log.warning("%d requests still in flight after %.0f s, stopping anyway", self.dispatcher.inflight,
                         self.settings.graceful_timeout_s)
         if self.rest is not None:
