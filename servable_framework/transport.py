@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import zmq
@@ -68,3 +69,15 @@ async def send(sock: zmq.asyncio.Socket, kind: Kind, header: dict[str, Any], buf
                to: bytes | None = None) -> None:
     frames = pack(kind, header, buffers)
     await sock.send_multipart([to, *frames] if to is not None else frames, copy=False)
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    """``create_task`` that keeps a strong reference until the task ends (the loop itself only keeps a weak
+    one, so an unreferenced task may be garbage-collected mid-flight)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task

@@ -121,7 +121,7 @@ class Agent:
             if kind is Kind.PING:
                 await transport.send(self.sock, Kind.PONG, {"rank": self.rank})
             elif kind is Kind.PREDICT:
-                asyncio.create_task(self._predict(header, buffers, frames))
+                transport.spawn(self._predict(header, buffers, frames))
             elif kind is Kind.EXIT:
                 final = bool(header.get("final", True))
                 log.info("rank %d told to exit (%s)%s", self.rank, "servable stopped" if final else "re-join",

@@ -208,7 +208,7 @@ class AgentPool:
         self.state = PoolState.WAITING
         self.ready_event.clear()
         for agent in survivors:
-            asyncio.get_running_loop().create_task(
+            transport.spawn(
                 self._send(agent.identity, Kind.EXIT, {"final": False, "error": reason}))
         if was_ready:
             self.on_failure(reason)

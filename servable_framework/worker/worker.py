@@ -134,7 +134,7 @@ class Worker:
                 await transport.send(self.sock, Kind.PONG, {"worker_id": self.worker_id,
                                                             "batches": self._batch_stats()})
             elif kind is Kind.PREDICT:
-                asyncio.create_task(self._predict(header, buffers, frames))
+                transport.spawn(self._predict(header, buffers, frames))
             elif kind is Kind.EXIT:
                 log.info("Main asked this worker to exit")
                 self.stopping.set()
@@ -183,13 +183,13 @@ class Worker:
 
     def _agents_failed(self, reason: str) -> None:
         """Called by the AgentPool when an Agent dies or goes silent: tell Main now, then keep serving errors."""
-        asyncio.get_running_loop().create_task(
+        transport.spawn(
             transport.send(self.sock, Kind.FAILED, {"worker_id": self.worker_id, "error": reason, "fatal": False}))
 
     def _agents_recovered(self) -> None:
         """All Agents re-joined: register again, Main routes to this Worker again."""
         log.info("agents recovered, servable available again")
-        asyncio.get_running_loop().create_task(transport.send(self.sock, Kind.REGISTER, self.register_header))
+        transport.spawn(transport.send(self.sock, Kind.REGISTER, self.register_header))
 
     async def close(self) -> None:
         if self.agents is not None:
