@@ -95,6 +95,13 @@ def leftovers() -> list[int]:
     return out
 
 
+def check_alive(procs: list[Proc]) -> None:
+    """A measurement only counts if every server process survived it."""
+    for p in procs:
+        if not p.alive():
+            raise RuntimeError(f"{p.name} died during the run:\n{p.log_tail()}")
+
+
 def stop_all(procs: list[Proc]) -> None:
     for p in reversed(procs):
         p.stop()

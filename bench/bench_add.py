@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 import httpx
 import numpy as np
 
-from bench._common import REPO, Proc, free_port, run_load, stop_all, table, wait_http_ready, write_results
+from bench._common import REPO, Proc, check_alive, free_port, run_load, stop_all, table, wait_http_ready, write_results
 from servable_framework.client import Client
 
 URL_PATH = "/model/add:add_common"
@@ -122,9 +122,7 @@ def main() -> None:
                 cells[(name, c)] = res = run_load(make, c, a.warmup, a.requests, a.seconds)
                 print(f"  {name:20s} c={c}: {res['rps']:8.1f} req/s  p50 {res['p50_ms']:.2f} ms  "
                       f"p99 {res['p99_ms']:.2f} ms  ({res['requests']} req, {res['errors']} errors)", flush=True)
-        for p in procs:
-            if not p.alive():
-                raise RuntimeError(f"{p.name} died during the run:\n{p.log_tail()}")
+        check_alive(procs)
     finally:
         stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)

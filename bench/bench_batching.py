@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 import httpx
 import numpy as np
 
-from bench._common import REPO, cpu_seconds_by_role, median, run_load, stop_all, table, write_results
+from bench._common import REPO, check_alive, cpu_seconds_by_role, median, run_load, stop_all, table, write_results
 from bench._qwen import run_qwen_inproc, start_qwen
 from servable_framework.client import Client
 
@@ -109,9 +109,7 @@ def served_cells(tp: int, env: dict[str, str], a: argparse.Namespace, expect: st
             print(f"  {env}  c={c}: {res['rps']:.2f} req/s  p50 {res['p50_ms']:.0f} ms  ({res['requests']} req, "
                   f"{res['errors']} errors, {mismatches[0]} mismatches, mean batch {res['mean_batch']:.2f}); "
                   f"CPU cores used: {res['cores_used']}", flush=True)
-        for p in procs:
-            if not p.alive():
-                raise RuntimeError(f"{p.name} died during the run:\n{p.log_tail()}")
+        check_alive(procs)
     finally:
         stop_all(procs)
     return cells

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 import httpx
 import numpy as np
 
-from bench._common import REPO, median, stop_all, table, write_results
+from bench._common import REPO, check_alive, median, stop_all, table, write_results
 from bench._qwen import run_qwen_inproc, start_qwen
 from bench._qwen_inproc import demo_image
 from servable_framework.client import Client
@@ -78,9 +78,7 @@ def served(tp: int, tokens: list[int], repeats: int, warmup: int, delay_ms: str,
                         out[proto][n]["text"] = text
         zmq_client.close()
         http.close()
-        for p in procs:
-            if not p.alive():
-                raise RuntimeError(f"{p.name} died during the run:\n{p.log_tail()}")
+        check_alive(procs)
         return out
     finally:
         stop_all(procs)

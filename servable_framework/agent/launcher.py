@@ -97,7 +97,6 @@ def _is_local_ip(ip: str) -> bool:
 @dataclass
 class _AgentProc:
     rank: int
-    device_id: int
     model_files: list[str]
     child: procs.Child
     status_r: int
@@ -114,7 +113,6 @@ class AgentSupervisor:
         self.stopping = threading.Event()
         self.agents: dict[int, _AgentProc] = {}
         self._plan = list(zip(ranks, model_files))
-        self.thread: threading.Thread | None = None
 
     def _spawn(self, rank: int, files: list[str], restarts: int = 0) -> _AgentProc:
         status_r, status_w = os.pipe()
@@ -126,7 +124,7 @@ class AgentSupervisor:
             child = procs.spawn("servable_framework.agent", payload, name, extra_fds=[status_w])
         finally:
             os.close(status_w)  # only the child holds the write end: EOF on status_r means it exited
-        agent = _AgentProc(rank, device_id, files, child, status_r, restarts)
+        agent = _AgentProc(rank, files, child, status_r, restarts)
         self.agents[rank] = agent
         return agent
 
@@ -148,8 +146,8 @@ class AgentSupervisor:
                 self.stop_all()
                 notify_worker(self.address, Kind.FAILED, error)
                 raise RuntimeError(f"Failed to start agents: {error}")
-        self.thread = threading.Thread(target=self._supervise, name="agent-supervisor", daemon=False)
-        self.thread.start()
+        # non-daemon: keeps serving_agent.py alive after startup_agents returns
+        threading.Thread(target=self._supervise, name="agent-supervisor", daemon=False).start()
 
     def _supervise(self) -> None:
         while not self.stopping.is_set():
@@ -214,9 +212,6 @@ class AgentSupervisor:
         self.agents.clear()
 
 
-_supervisors: list[AgentSupervisor] = []
-
-
 def startup_agents(distributed_address: str, model_files: Any, group_config_files: Any = None,
                    agent_start_port: int = 7000, agent_ip: str | None = None, rank_start: int | None = None,
                    dec_key: bytes | None = None, dec_mode: str = "AES-GCM", *, max_restarts: int = 3,
@@ -253,7 +248,6 @@ def startup_agents(distributed_address: str, model_files: Any, group_config_file
     log.info("starting agents for ranks %s of servable '%s' (%d ranks, %d stages)", ranks, config["servable"],
              config["rank_size"], config["stage_size"])
     sup = AgentSupervisor(distributed_address, ranks, files, config, max_restarts, config_timeout_s)
-    _supervisors.append(sup)
     if threading.current_thread() is threading.main_thread():
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("received %s, stopping agents", signal.Signals(signum).name)

@@ -49,7 +49,6 @@ class WorkerHandle:
     inflight: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     started: asyncio.Future[None] | None = None
     restarts: int = 0
-    served: int = 0
     request_timeout_s: float | None = None  # the servable's own default, from its REGISTER
     batch_stats: dict[str, list[int]] = field(default_factory=dict)  # model -> [batches, instances], from PONGs
 
@@ -145,7 +144,6 @@ class WorkerSet:
             handle.batch_stats = header.get("batches", handle.batch_stats)
             fut = handle.inflight.pop(header.get("id", -1), None)
             if fut is not None and not fut.done():
-                handle.served += 1
                 fut.set_result((header, buffers, frames))
         elif kind is Kind.REGISTER:
             handle.methods = header.get("methods", {})

@@ -71,10 +71,10 @@ class Worker:
             self._load_local(loaded)
         self._bind_handles(loaded)
         self.runner = MethodRunner(loaded.spec, self.batchers)
+        # what Main routes by: the resolved version, each method's required inputs, the servable's deadline
         self.register_header = {
-            "worker_id": self.worker_id, "pid": os.getpid(), "servable": loaded.spec.name,
-            "version": p["version"], "methods": {name: m.required_inputs for name, m in loaded.spec.methods.items()},
-            "batch_size": max((b.backend.batch_size for b in self.batchers.values()), default=1),
+            "worker_id": self.worker_id, "version": p["version"],
+            "methods": {name: m.required_inputs for name, m in loaded.spec.methods.items()},
             "request_timeout_s": loaded.spec.request_timeout_s}
         await transport.send(self.sock, Kind.REGISTER, self.register_header)
         log.info("servable '%s' version %d ready, methods: %s", loaded.spec.name, p["version"],
