@@ -143,8 +143,8 @@ class AgentSupervisor:
                     continue
                 error = line[1:].decode(errors="replace").strip() if line.startswith(b"F") else \
                     f"agent rank {agent.rank} exited during start-up (code {agent.child.proc.wait()})"
+                notify_worker(self.address, Kind.FAILED, error)  # the cause first, then the exits it causes
                 self.stop_all()
-                notify_worker(self.address, Kind.FAILED, error)
                 raise RuntimeError(f"Failed to start agents: {error}")
         # non-daemon: keeps serving_agent.py alive after startup_agents returns
         threading.Thread(target=self._supervise, name="agent-supervisor", daemon=False).start()

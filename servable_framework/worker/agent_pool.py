@@ -37,6 +37,9 @@ from servable_framework.wire import Kind, Value, decode_value, encode_value, unp
 
 log = logging.getLogger("servable_framework.agents")
 
+# how long a failed first start waits for the report that names the cause, after a consequence (an exit) came first
+START_CAUSE_GRACE_S = 1.0
+
 
 class PoolState(str, enum.Enum):
     WAITING = "waiting"  # for all ranks of the current generation
@@ -78,6 +81,10 @@ class AgentPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._config_ok = False
         self.failure = ""
+        # every report that failed the first start, in arrival order; the cause (a FAILED) can arrive after the
+        # EXIT of a healthy rank its startup process stopped because of it
+        self.start_failures: list[str] = []
+        self._start_cause = asyncio.Event()
 
     async def start(self) -> None:
         address = self.cfg["distributed_address"]
@@ -106,7 +113,13 @@ class AgentPool:
             raise StartupError(f"Failed to wait for ready of all agents, current agents count: {len(self.agents)}, "
                                f"rank size: {self.dist.rank_size}") from None
         if self.failure and self.state is not PoolState.READY:
-            raise StartupError(f"Failed to starting all agents, maybe some error reported: {self.failure}")
+            try:  # bounded: a startup process that died without a word still fails the start promptly
+                await asyncio.wait_for(self._start_cause.wait(), START_CAUSE_GRACE_S)
+            except asyncio.TimeoutError:
+                pass
+            reasons = sorted(dict.fromkeys(self.start_failures or [self.failure]),
+                             key=lambda r: " failed" not in r)  # causes first
+            raise StartupError(f"Failed to starting all agents, maybe some error reported: {'; '.join(reasons)}")
 
     # -- messages -------------------------------------------------------------------------------------------
     async def _recv_loop(self) -> None:
@@ -146,9 +159,13 @@ class AgentPool:
                 batch.on_reply(header, buffers)
         elif kind in (Kind.FAILED, Kind.EXIT):
             what = "failed" if kind is Kind.FAILED else "exited"
-            who = f"rank {rank}" if isinstance(rank, int) else "agent startup process"
+            who = f"Agent rank {rank}" if isinstance(rank, int) else "Agent startup process"
             detail = header.get("error", "")
-            reason = f"Agent {who} {what}{': ' + detail if detail else ''}"
+            reason = f"{who} {what}{': ' + detail if detail else ''}"
+            if not self.ever_ready:
+                self.start_failures.append(reason)
+                if kind is Kind.FAILED:
+                    self._start_cause.set()
             if agent is not None and (agent.identity == identity or agent.pid == header.get("pid")):
                 self._fail(reason)  # a member of the current group left (told by itself or by its supervisor)
             elif not self.ever_ready and kind is Kind.FAILED:
