@@ -58,7 +58,7 @@ from agents.qwen_parallel import (
     split_layers,
     torch_dtype,
 )
-from servable_framework.agent.shard import InstanceValues, ModelShard, ShardContext, register_shard
+from servable_framework.agent.shard import InstanceValues, ModelShard, ShardContext, WaitingBatch, register_shard
 
 # stage -> stage messages: an int64 header, then the tensors it announces
 _PREFILL, _DECODE, _ABORT, _EMPTY = 0, 1, 2, 3  # header[0]
@@ -83,6 +83,72 @@ class _Batch:
     pixel_values: torch.Tensor | None  # [sum P, D]
     image_grid_thw: torch.Tensor | None  # [sum I, 3]
     sampling: torch.Tensor  # [B, 5] float64
+
+
+class _Rows:
+    """Every rank's view of the rows being decoded: one KV cache and mask for all of them (a joined batch's
+    cache is appended, the shorter side left-padded with masked zeros), and who each row belongs to.
+    Row order is the same on every rank and matches the output rank's ``BatchSampler.active``."""
+
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [n, L], L = the cache length after the last forward
+        self.next_pos: torch.Tensor | None = None  # stage 0: [n] decode position of each row's next token
+        self.owners: list[tuple[int, int]] = []  # per row: (batch id, index in its batch)
+        self.row_ids: dict[int, list[int]] = {}  # output rank: batch id -> its rows' sampler ids, in order
+        self.owner_of_row_id: dict[int, tuple[int, int]] = {}  # output rank: sampler id -> (batch id, index)
+        self.left: dict[int, int] = {}  # batch id -> rows still running
+
+    @property
+    def size(self) -> int:
+        return len(self.owners)
+
+    def append(self, key: int, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor | None,
+               ids: list[int]) -> None:
+        if self.cache is None or not self.owners:
+            self.cache, self.mask, self.next_pos = cache, mask, next_pos
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            for old, new in zip(self.cache.layers, cache.layers):
+                old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)])
+                old.values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)])
+            self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+            if next_pos is not None:
+                self.next_pos = torch.cat([self.next_pos, next_pos])
+        self.owners.extend((key, i) for i in range(len(ids)))
+        self.row_ids[key] = list(ids)
+        self.owner_of_row_id.update({b: (key, i) for i, b in enumerate(ids) if b >= 0})
+        self.left[key] = len(ids)
+
+    def drop(self, finished: torch.Tensor, first_stage: bool) -> list[int]:
+        """Remove the finished rows (every rank drops the same ones); the ids of the batches now complete."""
+        if not bool(finished.any()):
+            return []
+        done = []
+        for row in finished.nonzero().view(-1).tolist():
+            key = self.owners[row][0]
+            self.left[key] -= 1
+            if self.left[key] == 0:
+                del self.left[key]
+                done.append(key)
+        keep = (~finished).nonzero().view(-1)
+        self.owners = [self.owners[i] for i in keep.tolist()]
+        if self.owners:  # finished instances free their compute and their cache
+            self.cache.batch_select_indices(keep)
+            self.mask = self.mask[keep]
+            if first_stage:
+                self.next_pos = self.next_pos[keep]
+        return done
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad the sequence dimension (-1 of a mask [B, L], -2 of a cache [B, H, L, D]) with zeros."""
+    dim = -1 if t.dim() == 2 else -2
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    pad = (missing, 0) if dim == -1 else (0, 0, missing, 0)
+    return torch.nn.functional.pad(t, pad)
 
 
 class _MRopeIndex:
@@ -233,9 +299,16 @@ class Qwen25VLShard(ModelShard):
     @torch.inference_mode()
     def generate(self, instances: list[InstanceValues] | None, collect_logits: bool = False
                  ) -> GenerationResult | None:
-        """Run one batch to completion on every rank. The output rank gets a `GenerationResult`
-        (with per-step logits of each instance when ``collect_logits``); other ranks get None."""
+        """Run one batch to completion on every rank. The output rank gets its `GenerationResult` (with
+        per-step logits of each instance when ``collect_logits``); other ranks get None.
+
+        Continuous batching: batches that reach the Agents meanwhile join at a step boundary when their
+        rows fit (``self.link``); each is prefilled on its own cache, then its cache is appended to the
+        running one (the shorter side left-padded and masked), and it is completed through the link as its
+        last row finishes. ``last_results`` (output rank) keeps every batch's result of this call by id.
+        """
         ctx = self.ctx
+        own = self.link.batch_id if self.link is not None else 0
         if ctx.is_first_stage:
             try:
                 batch = self._prepare(instances)
@@ -246,50 +319,126 @@ class Qwen25VLShard(ModelShard):
             if batch is None:
                 self._send_control(_EMPTY)
                 return GenerationResult([], []) if ctx.is_output_rank else None
-            hidden, positions, mask = prefill
-            sampling = batch.sampling
-            # decode positions: one past the largest prefill position of each row (= past + rope_deltas
-            # for an unpadded row, and right under left padding); kept per batch, never on the model
-            next_pos = positions.amax(dim=(0, 2)) + 1
+            start = (*prefill, batch.sampling)
         else:
             message = self._recv_step()
             if isinstance(message, _Control):
                 return self._on_control(message)
-            hidden, positions, mask, sampling = message
+            start = message
 
-        cache = DynamicCache(config=self.text_config)  # this stage's layers only
-        sampler = BatchSampler(sampling, self.eos_ids, self.pad_id, collect_logits) if ctx.is_output_rank else None
-        step = 0
+        run = _Rows()
+        sampler = BatchSampler(self.eos_ids, self.pad_id, collect_logits) if ctx.is_output_rank else None
+        self.last_results: dict[int, GenerationResult] = {}
+        parts = [self._prefill_rows(run, sampler, own, *start)]
+        tokens = torch.empty(0, dtype=torch.int64, device=self.device)
         while True:
-            hidden = self.text(inputs_embeds=hidden, attention_mask=mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True).last_hidden_state
-            if not ctx.is_last_stage:
-                self._send_step(hidden, positions, mask, sampling if step == 0 else None)
-            n = hidden.shape[0]
-            sync = torch.empty(2 * n + 1, dtype=torch.int64, device=self.device)
+            sync_len = run.size  # rows taking part in this step (running + just joined)
+            sync = torch.empty(2 * sync_len + 2, dtype=torch.int64, device=self.device)
             if sampler is not None:
-                logits = self.lm_head(self.final_norm(hidden[:, -1])).float()
-                sync.copy_(sampler.step(logits))
+                step = sampler.step(torch.cat(parts).float())
                 for b in sampler.finished_now:  # its answer is complete: return it now, not with the batch
-                    self.emit(b, [np.asarray(sampler.tokens[b], dtype=np.int64)])
-            dist.broadcast(sync, src=self.output_rank)  # tokens + finished flags + [all_done], to every rank
-            if bool(sync[-1]):
+                    key, index = run.owner_of_row_id[b]
+                    self._emit(key, index, sampler.tokens[b])
+                k_next = self.link.joinable(len(sampler.active)) if self.link is not None else 0
+                sync.copy_(torch.cat([step, torch.tensor([k_next])]))
+            # tokens + finished flags + [all_done, batches to take in], to every rank: all run the same steps
+            dist.broadcast(sync, src=self.output_rank)
+            tokens, finished = sync[:sync_len], sync[sync_len:2 * sync_len].bool()
+            all_done, k_next = bool(sync[-2]), int(sync[-1])
+            for key in run.drop(finished, ctx.is_first_stage):
+                result = sampler.result(run.row_ids.pop(key)) if sampler is not None else None
+                self._batch_done(key, result)
+            tokens = tokens[~finished]
+            if all_done and k_next == 0:
                 break
-            tokens, finished = sync[:n], sync[n:2 * n].bool()
-            if bool(finished.any()):  # every rank drops the same rows: finished instances free their compute
-                keep = (~finished).nonzero().view(-1)
-                cache.batch_select_indices(keep)
-                tokens, mask = tokens[keep], mask[keep]
-                if ctx.is_first_stage:
-                    next_pos = next_pos[keep]
-            step += 1
-            if ctx.is_first_stage:
-                hidden = self.text.embed_tokens(tokens.view(-1, 1))
-                positions = (next_pos + step - 1).view(1, -1, 1).expand(3, -1, -1)
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            else:
-                hidden, positions, mask, _ = self._recv_step()
-        return sampler.result() if sampler is not None else None
+            joining = self.link.join(k_next) if k_next else []
+            parts = []
+            if run.size:
+                parts.append(self._decode_rows(run, tokens))
+            for waiting in joining:
+                part = self._join(run, sampler, waiting)
+                if part is not None:
+                    parts.append(part)
+            if not run.size:  # every joiner was rejected and nothing else runs
+                break
+        own_result = self.last_results.get(own)
+        return own_result if ctx.is_output_rank else None
+
+    def _emit(self, key: int, index: int, tokens: list[int]) -> None:
+        if self.link is not None:
+            self.link.emit(key, index, [np.asarray(tokens, dtype=np.int64)])
+
+    def _batch_done(self, key: int, result: GenerationResult | None) -> None:
+        if result is not None:
+            self.last_results[key] = result
+        if self.link is not None:
+            outputs = None if result is None else [[np.asarray(t, dtype=np.int64)] for t in result.tokens]
+            self.link.complete(key, outputs)
+
+    def _forward(self, hidden, positions, mask, cache, sampling=None) -> torch.Tensor | None:
+        """This stage's layers, then on to the next stage; the output rank returns last-position logits."""
+        hidden = self.text(inputs_embeds=hidden, attention_mask=mask, position_ids=positions,
+                           past_key_values=cache, use_cache=True).last_hidden_state
+        if not self.ctx.is_last_stage:
+            self._send_step(hidden, positions, mask, sampling)
+        if self.ctx.is_output_rank:
+            return self.lm_head(self.final_norm(hidden[:, -1]))
+        return None
+
+    def _prefill_rows(self, run: _Rows, sampler: BatchSampler | None, key: int, hidden, positions, mask,
+                      sampling) -> torch.Tensor | None:
+        """Prefill one batch on a fresh cache and append its rows to ``run``; its logits on the output rank."""
+        cache = DynamicCache(config=self.text_config)  # this stage's layers only
+        logits = self._forward(hidden, positions, mask, cache, sampling)
+        # decode positions: one past the largest prefill position of each row (= past + rope_deltas for an
+        # unpadded row, and right under left padding); kept per row, never on the model
+        next_pos = positions.amax(dim=(0, 2)) + 1 if self.ctx.is_first_stage else None
+        ids = sampler.add(sampling) if sampler is not None else [-1] * hidden.shape[0]  # ids: output rank only
+        run.append(key, cache, mask, next_pos, ids)
+        return logits
+
+    def _decode_rows(self, run: _Rows, tokens: torch.Tensor) -> torch.Tensor | None:
+        """One decode step of the running rows (``tokens``: the last token of each)."""
+        if self.ctx.is_first_stage:
+            hidden = self.text.embed_tokens(tokens.view(-1, 1))
+            positions = run.next_pos.view(1, -1, 1).expand(3, -1, -1)
+            run.next_pos = run.next_pos + 1
+            run.mask = torch.cat([run.mask, run.mask.new_ones(run.mask.shape[0], 1)], dim=1)
+        else:
+            hidden, positions, run.mask, _ = self._recv_step()
+        return self._forward(hidden, positions, run.mask, run.cache)
+
+    def _join(self, run: _Rows, sampler: BatchSampler | None, waiting: WaitingBatch) -> torch.Tensor | None:
+        """Take in a batch that arrived while this one ran. Bad input fails that batch alone (an ABORT
+        tells the later stages); the running rows are unaffected."""
+        assert self.link is not None
+        key = waiting.batch_id
+        if self.ctx.is_first_stage:
+            try:
+                batch = self._prepare(waiting.instances)
+                prefill = None if batch is None else self._prefill_inputs(batch)
+            except Exception as exc:
+                self._send_control(_ABORT, str(exc), client_error=isinstance(exc, ValueError))
+                self.link.fail(key, exc)
+                return None
+            if batch is None:
+                self._send_control(_EMPTY)
+                self.link.complete(key, [] if self.ctx.is_output_rank else None)
+                return None
+            start = (*prefill, batch.sampling)
+        else:
+            message = self._recv_step()
+            if isinstance(message, _Control):
+                self._send_control(message.kind, message.text, message.client_error)
+                if message.kind == _ABORT:
+                    error = ValueError(message.text) if message.client_error else \
+                        RuntimeError(f"stage 0 failed: {message.text}")
+                    self.link.fail(key, error)
+                else:
+                    self.link.complete(key, [] if self.ctx.is_output_rank else None)
+                return None
+            start = message
+        return self._prefill_rows(run, sampler, key, *start)
 
     def _on_control(self, message: _Control) -> GenerationResult | None:
         """A later stage got ABORT/EMPTY instead of a prefill: pass it on, then end like stage 0 did."""

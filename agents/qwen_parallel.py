@@ -265,32 +265,42 @@ class GenerationResult:
 
 
 class BatchSampler:
-    """Output-rank state of one batch: per-instance options, RNGs, tokens, logits and stop reasons.
+    """Output-rank state of the rows being generated: per-row options, RNGs, tokens, logits and stop reasons.
 
-    An instance stops at its first EOS token (not added to its tokens) or after ``max_new_tokens``.
-    Finished instances leave the batch: ``active`` lists the original indices of the rows still being
-    decoded, in row order, and every rank drops the same rows after each step (see `step`).
+    Rows are numbered in the order they were added (`add`); a batch that joins a running one adds its rows
+    later. A row stops at its first EOS token (not added to its tokens) or after ``max_new_tokens``.
+    Finished rows leave: ``active`` lists the ids of the rows still being decoded, in row order, and every
+    rank drops the same rows after each step (see `step`).
     """
 
-    def __init__(self, sampling: torch.Tensor, eos_ids: set[int], pad_id: int, collect_logits: bool) -> None:
-        """``sampling``: [B, 5] rows of [max_new_tokens, temperature, top_p, top_k, seed]."""
+    def __init__(self, eos_ids: set[int], pad_id: int, collect_logits: bool) -> None:
         self.eos_ids, self.pad_id = eos_ids, pad_id
         self.collect_logits = collect_logits
-        self.options = sampling.cpu().tolist()
-        n = len(self.options)
-        self.generators = []
-        for opts in self.options:
+        self.options: list[list[float]] = []
+        self.generators: list[torch.Generator | None] = []
+        self.tokens: list[list[int]] = []
+        self.logits: list[list[np.ndarray]] = []
+        self.reasons: list[str] = []
+        self.active: list[int] = []
+        self.finished_now: list[int] = []  # row ids that finished at the last step
+
+    def add(self, sampling: torch.Tensor) -> list[int]:
+        """Append rows (``sampling``: [B, 5] of [max_new_tokens, temperature, top_p, top_k, seed]); their ids."""
+        ids = []
+        for opts in sampling.cpu().tolist():
             seed = int(opts[4])
+            ids.append(len(self.options))
+            self.options.append(opts)
             self.generators.append(torch.Generator().manual_seed(seed) if seed >= 0 else None)
-        self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.logits: list[list[np.ndarray]] = [[] for _ in range(n)]
-        self.reasons = [""] * n
-        self.active = list(range(n))
-        self.finished_now: list[int] = []  # original indices that finished at the last step
+            self.tokens.append([])
+            self.logits.append([])
+            self.reasons.append("")
+        self.active.extend(ids)
+        return ids
 
     def step(self, logits: torch.Tensor) -> torch.Tensor:
-        """Choose one token per active row (``logits`` [len(active), vocab]); return the broadcast message
-        ``tokens (n) + finished (n) + [all_done]`` (int64, CPU), n = rows before this step."""
+        """Choose one token per active row (``logits`` [len(active), vocab]); return ``tokens (n) + finished (n)
+        + [all_done]`` (int64, CPU), n = rows before this step."""
         logits = logits.cpu()
         n = len(self.active)
         out = [self.pad_id] * n + [0] * n + [0]
@@ -314,9 +324,10 @@ class BatchSampler:
         out[-1] = int(not self.active)
         return torch.tensor(out, dtype=torch.int64)
 
-    def result(self) -> GenerationResult:
-        logits = [np.stack(steps) for steps in self.logits] if self.collect_logits else []
-        return GenerationResult(self.tokens, self.reasons, logits)
+    def result(self, rows: list[int]) -> GenerationResult:
+        """The result of the given rows (one batch), in that order."""
+        logits = [np.stack(self.logits[b]) for b in rows] if self.collect_logits else []
+        return GenerationResult([self.tokens[b] for b in rows], [self.reasons[b] for b in rows], logits)
 
 
 def torch_dtype(value, default: torch.dtype) -> torch.dtype:

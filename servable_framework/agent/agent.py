@@ -13,10 +13,12 @@ Exit codes tell the startup process what to do: 0 = the servable is gone for goo
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import logging
 import os
 import signal
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +28,7 @@ import zmq
 import zmq.asyncio
 
 from servable_framework import procs, transport
-from servable_framework.agent.shard import ModelShard, ShardContext, find_shard
+from servable_framework.agent.shard import ModelShard, ShardContext, WaitingBatch, find_shard
 from servable_framework.errors import ServingError
 from servable_framework.logs import setup_logging
 from servable_framework.wire import Kind, decode_value, encode_value, unpack
@@ -34,6 +36,101 @@ from servable_framework.wire import Kind, decode_value, encode_value, unpack
 log = logging.getLogger("servable_framework.agent")
 
 EXIT_REJOIN = 3
+JOIN_WAIT_S = 30.0  # a batch the output rank saw must reach every rank within this (it was sent to all at once)
+_SENT = object()  # `_run`: the batch's reply already left (it was completed or taken in by a running batch)
+
+
+def _error_wire(error: Exception) -> dict[str, Any]:
+    """Bad input (``ValueError``/``ServingError``) keeps its text; anything else is named with its type."""
+    if isinstance(error, (ServingError, ValueError)):
+        return ServingError(str(getattr(error, "message", error))).to_wire()
+    return ServingError(f"{type(error).__name__}: {error}").to_wire()
+
+
+class Inbox:
+    """Batches that reached this rank and have not started, in arrival order. The Worker sends every batch
+    to every rank over one ordered connection each, so the order is the same on every rank."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[WaitingBatch] = collections.deque()
+        self._cond = threading.Condition()
+
+    def put(self, batch: WaitingBatch) -> None:
+        with self._cond:
+            self._items.append(batch)
+            self._cond.notify_all()
+
+    def take_id(self, batch_id: Any) -> WaitingBatch | None:
+        """Remove and return the batch, or None when a running batch already took it in."""
+        with self._cond:
+            for item in self._items:
+                if item.batch_id == batch_id:
+                    self._items.remove(item)
+                    return item
+        return None
+
+    def fitting(self, free_rows: int) -> int:
+        """How many batches from the front fit, together, in ``free_rows``."""
+        k = 0
+        with self._cond:
+            for item in self._items:
+                if item.count > free_rows:
+                    break
+                free_rows -= item.count
+                k += 1
+        return k
+
+    def take(self, k: int, timeout_s: float) -> list[WaitingBatch]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._items) >= k, timeout_s):
+                raise RuntimeError(f"{k} batches to join did not reach this rank within {timeout_s:.0f} s")
+            return [self._items.popleft() for _ in range(k)]
+
+
+class _Link:
+    """`BatchLink` of one ``predict`` call: early answers, replies of batches taken in, the inbox."""
+
+    def __init__(self, agent: Agent, batch_id: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.agent, self.batch_id, self.loop = agent, batch_id, loop
+        self.max_rows = int(agent.cfg.get("max_batch_rows", 0)) if agent.cfg.get("continuous_batching") else 0
+        self.open: list[Any] = []  # joined batches not yet completed
+        self.done: set[Any] = set()
+
+    def _send(self, coro: Any) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def emit(self, batch_id: Any, index: int, outputs: list[Any]) -> None:
+        buffers: list[Any] = []
+        header = {"id": batch_id, "rank": self.agent.rank, "partial": index,
+                  "ok": [encode_value(v, buffers) for v in outputs]}
+        self._send(transport.send(self.agent.sock, Kind.RESULT, header, buffers))
+
+    def complete(self, batch_id: Any, outputs: list[Any] | None) -> None:
+        self._finish(batch_id)
+        self._send(self.agent._reply(batch_id, outputs, None, joined=batch_id != self.batch_id))
+
+    def fail(self, batch_id: Any, error: Exception) -> None:
+        self._finish(batch_id)
+        self._send(self.agent._reply(batch_id, None, error, joined=batch_id != self.batch_id))
+
+    def _finish(self, batch_id: Any) -> None:
+        self.done.add(batch_id)
+        if batch_id in self.open:
+            self.open.remove(batch_id)
+
+    def joinable(self, active_rows: int) -> int:
+        if self.max_rows <= 0:
+            return 0
+        return self.agent.inbox.fitting(self.max_rows - active_rows)
+
+    def join(self, k: int) -> list[WaitingBatch]:
+        if k <= 0:
+            return []
+        batches = self.agent.inbox.take(k, JOIN_WAIT_S)
+        self.open.extend(b.batch_id for b in batches)
+        log.debug("rank %d: batches %s join batch %s", self.agent.rank, [b.batch_id for b in batches],
+                  self.batch_id)
+        return batches
 
 
 def init_distributed(cfg: dict[str, Any], rank: int, device_id: int, store_host: str) -> tuple[Any, Any]:
@@ -69,6 +166,7 @@ class Agent:
                                            identity=f"agent-{self.rank}-{os.getpid()}".encode())
         self.sock.connect(transport.zmq_endpoint(payload["distributed_address"], "distributed"))
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self.inbox = Inbox()
         self.shard: ModelShard | None = None
         self.last_ping = time.monotonic()
         self.exit_code: int | None = None
@@ -129,39 +227,61 @@ class Agent:
                 self.finish(0 if final else EXIT_REJOIN)
 
     async def _predict(self, header: dict[str, Any], buffers: Any, frames: Any) -> None:
-        reply: dict[str, Any] = {"id": header.get("id"), "rank": self.rank}
-        out_buffers: list[Any] = []
+        loop = asyncio.get_running_loop()
+        batch_id = header.get("id")
         try:
             raw = header.get("instances")
             instances = None if raw is None else [[decode_value(v, buffers) for v in inst] for inst in raw]
-            assert self.shard is not None
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self.compute, self._run, header.get("id"), instances, asyncio.get_running_loop())
-            if outputs is not None:
-                reply["results"] = [{"ok": [encode_value(v, out_buffers) for v in out]} for out in outputs]
-        except (ServingError, ValueError) as exc:
-            reply["error"] = ServingError(str(getattr(exc, "message", exc))).to_wire()
-        except Exception as exc:
-            log.exception("rank %d failed on a batch", self.rank)
-            reply["error"] = ServingError(f"{type(exc).__name__}: {exc}").to_wire()
-        del frames  # inputs were zero-copy views of these frames
-        await transport.send(self.sock, Kind.RESULT, reply, out_buffers)
-
-    def _run(self, batch_id: Any, instances: Any, loop: asyncio.AbstractEventLoop) -> Any:
-        """On the compute thread: one predict, with `ModelShard.emit` wired to early partial results."""
+            count = len(instances) if instances is not None else int(header.get("count", 0))
+        except (ServingError, ValueError, TypeError) as exc:
+            await self._reply(batch_id, None, exc)
+            return
         assert self.shard is not None
-
-        def emit(index: int, outputs: list[Any]) -> None:
-            buffers: list[Any] = []
-            header = {"id": batch_id, "rank": self.rank, "partial": index,
-                      "ok": [encode_value(v, buffers) for v in outputs]}
-            asyncio.run_coroutine_threadsafe(transport.send(self.sock, Kind.RESULT, header, buffers), loop)
-
-        self.shard.emit_hook = emit
+        # waits here (same order on every rank) until its own turn, unless a running batch takes it in first
+        self.inbox.put(WaitingBatch(batch_id, instances, count))
         try:
-            return self.shard.predict(instances)
+            outputs = await loop.run_in_executor(self.compute, self._run, batch_id, loop)
+        except Exception as exc:
+            if not isinstance(exc, (ServingError, ValueError)):
+                log.exception("rank %d failed on a batch", self.rank)
+            await self._reply(batch_id, None, exc)
+        else:
+            if outputs is not _SENT:
+                await self._reply(batch_id, outputs, None)
+        del frames  # inputs were zero-copy views of these frames
+
+    async def _reply(self, batch_id: Any, outputs: list[Any] | None, error: Exception | None,
+                     joined: bool = False) -> None:
+        reply: dict[str, Any] = {"id": batch_id, "rank": self.rank}
+        if joined:
+            reply["joined"] = True
+        buffers: list[Any] = []
+        if error is not None:
+            reply["error"] = _error_wire(error)
+        elif outputs is not None:
+            reply["results"] = [{"ok": [encode_value(v, buffers) for v in out]} for out in outputs]
+        await transport.send(self.sock, Kind.RESULT, reply, buffers)
+
+    def _run(self, batch_id: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        """On the compute thread: run the batch, unless a batch that ran before took it in (then it is done)."""
+        assert self.shard is not None
+        waiting = self.inbox.take_id(batch_id)
+        if waiting is None:
+            return _SENT
+        link = _Link(self, batch_id, loop)
+        self.shard.link = link
+        try:
+            outputs = self.shard.predict(waiting.instances)
+        except Exception as exc:
+            for joined in list(link.open):  # batches taken in fail with the one that carried them
+                link.fail(joined, exc)
+            if batch_id in link.done:  # its own reply already left; the failure was logged by the joined ones
+                log.error("rank %d: a batch failed after batch %s completed: %s", self.rank, batch_id, exc)
+                return _SENT
+            raise
         finally:
-            self.shard.emit_hook = None
+            self.shard.link = None
+        return _SENT if batch_id in link.done else outputs
 
     async def _watch_worker(self) -> None:
         hb = self.cfg["heartbeat"]

@@ -10,6 +10,13 @@ Worker dispatches, *every* rank calls `ModelShard.predict` in the same order:
 * the output rank (first TP rank of the last stage) returns one list of output values per
   instance; every other rank returns ``None``.
 
+Continuous batching (optional, `declare_servable(continuous_batching=True)`): while ``predict`` runs a
+multi-step batch (a decode loop), batches the Worker dispatched meanwhile wait on every rank. At a step
+boundary the output rank asks ``self.link.joinable(active_rows)`` how many of them fit, shares that
+number with every rank through its own collective, and every rank calls ``self.link.join(k)`` to take the
+same batches, then ``complete``/``fail`` each when its rows are done. A shard that never calls these
+runs the waiting batches one after another, as before.
+
 A shard must load only its own slice of the weights, must use the process groups it is given
 (never the default group for TP collectives), and must not change the order of collectives
 between ranks. A ``ValueError``/``ServingError`` raised for bad inputs is reported to the client;
@@ -21,7 +28,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -76,12 +83,46 @@ class ShardContext:
         return stage * self.tp_size + self.tp_rank
 
 
+@dataclass
+class WaitingBatch:
+    """A batch the Worker dispatched while another was running on this rank."""
+
+    batch_id: int
+    instances: list[InstanceValues] | None  # stage-0 ranks: the inputs; later stages: None
+    count: int  # number of instances (known on every rank)
+
+
+class BatchLink(Protocol):
+    """What the Agent offers the running ``predict`` (``ModelShard.link``). Every method is called on the
+    compute thread; ``batch_id`` is the id of the batch ``predict`` was called for."""
+
+    batch_id: int
+
+    def emit(self, batch_id: int, index: int, outputs: InstanceValues) -> None:
+        """Output rank: instance ``index`` of batch ``batch_id`` is complete; answer it now."""
+
+    def complete(self, batch_id: int, outputs: list[InstanceValues] | None) -> None:
+        """Every rank: batch ``batch_id`` is done (outputs on the output rank, None elsewhere); its reply
+        leaves now. For the batch ``predict`` was called for, the value ``predict`` returns is then ignored."""
+
+    def fail(self, batch_id: int, error: Exception) -> None:
+        """Every rank: a joined batch failed alone (``ValueError`` = the client's fault)."""
+
+    def joinable(self, active_rows: int) -> int:
+        """Output rank: how many waiting batches, in arrival order, fit beside ``active_rows`` running rows
+        (0 when continuous batching is off). Never blocks."""
+
+    def join(self, k: int) -> list[WaitingBatch]:
+        """Every rank, with the same ``k``: take the next ``k`` waiting batches (waits, bounded, for any that
+        has not reached this rank yet)."""
+
+
 class ModelShard:
     """Base class of shard implementations. Subclasses load their slice in ``__init__``."""
 
     def __init__(self, ctx: ShardContext) -> None:
         self.ctx = ctx
-        self.emit_hook: Callable[[int, InstanceValues], None] | None = None  # set by the Agent per batch
+        self.link: BatchLink | None = None  # set by the Agent while ``predict`` runs
 
     def predict(self, instances: list[InstanceValues] | None) -> list[InstanceValues] | None:
         raise NotImplementedError
@@ -89,8 +130,8 @@ class ModelShard:
     def emit(self, index: int, outputs: InstanceValues) -> None:
         """Output rank only, optional: instance ``index`` of the current batch is complete, answer it now
         (its request need not wait for the rest of the batch). ``predict`` must still return every instance."""
-        if self.emit_hook is not None:
-            self.emit_hook(index, outputs)
+        if self.link is not None:
+            self.link.emit(self.link.batch_id, index, outputs)
 
     def close(self) -> None:
         """Release resources; called once before the Agent exits."""

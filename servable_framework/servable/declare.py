@@ -168,6 +168,7 @@ def declare_distributed(
     shard_options: dict[str, Any] | None,
     max_batch_size: int,
     max_batch_delay_ms: float,
+    continuous_batching: bool = False,
 ) -> Model:
     """Implementation of `servable_framework.server.distributed.declare_servable` (documented there)."""
     spec = current_builder().spec
@@ -175,6 +176,7 @@ def declare_distributed(
     checks.check_int("stage_size", stage_size, 1)
     checks.check_bool("with_batch_dim", with_batch_dim)
     checks.check_bool("enable_pipeline_infer", enable_pipeline_infer)
+    checks.check_bool("continuous_batching", continuous_batching)
     checks.check_str("shard", shard)
     checks.check_int("max_batch_size", max_batch_size, 0)
     no_batch = checks.check_int_list("without_batch_dim_inputs", without_batch_dim_inputs) \
@@ -186,7 +188,8 @@ def declare_distributed(
     if rank_size % stage_size != 0:
         raise RuntimeError("Rank size must be an integral multiple of stage size")
     dist = DistributedSpec(rank_size=rank_size, stage_size=stage_size, enable_pipeline_infer=enable_pipeline_infer,
-                           shard=shard, shard_options=dict(shard_options or {}))
+                           shard=shard, shard_options=dict(shard_options or {}),
+                           continuous_batching=continuous_batching)
     model = ModelSpec(key=spec.name, files=[], model_format="Distributed", with_batch_dim=with_batch_dim,
                       without_batch_dim_inputs=tuple(no_batch),
                       max_batch_size=(max_batch_size or 8) if with_batch_dim else 1,

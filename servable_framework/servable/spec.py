@@ -35,6 +35,7 @@ class DistributedSpec:
     enable_pipeline_infer: bool
     shard: str
     shard_options: dict[str, Any]
+    continuous_batching: bool = False  # batches dispatched while one runs may join it (see agent/shard.py)
 
     @property
     def tp_size(self) -> int:

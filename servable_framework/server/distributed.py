@@ -21,7 +21,7 @@ from servable_framework.server.start_config import DistributedStartConfig
 def declare_servable(rank_size: int, stage_size: int, with_batch_dim: bool = True,
                      without_batch_dim_inputs: int | list[int] | None = None, enable_pipeline_infer: bool = False,
                      *, shard: str, shard_options: dict[str, Any] | None = None, max_batch_size: int = 0,
-                     max_batch_delay_ms: float = 0.0) -> Model:
+                     max_batch_delay_ms: float = 0.0, continuous_batching: bool = False) -> Model:
     """Declare this servable's model as distributed over ``rank_size`` Agents in ``stage_size`` pipeline stages.
 
     Args:
@@ -35,9 +35,12 @@ def declare_servable(rank_size: int, stage_size: int, with_batch_dim: bool = Tru
         shard_options: JSON-serialisable options handed to the shard (``ShardContext.options``).
         max_batch_size: most instances per model call when ``with_batch_dim``.
         max_batch_delay_ms: how long a batch may wait for more instances (0 = take what is queued).
+        continuous_batching: keep up to ``max_batch_size`` batches in flight; a shard with a multi-step
+            loop (the Qwen decode loop) takes newly arrived instances into the running batch at a step
+            boundary, as rows free up, instead of making them wait for the whole batch to finish.
     """
     return declare_distributed(rank_size, stage_size, with_batch_dim, without_batch_dim_inputs, enable_pipeline_infer,
-                               shard, shard_options, max_batch_size, max_batch_delay_ms)
+                               shard, shard_options, max_batch_size, max_batch_delay_ms, continuous_batching)
 
 
 def start_servable(servable_directory: str, servable_name: str, rank_table_json_file: str, version_number: int = 1,

@@ -81,6 +81,7 @@ class AgentPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._config_ok = False
         self.failure = ""
+        self.joined_batches = 0
         # every report that failed the first start, in arrival order; the cause (a FAILED) can arrive after the
         # EXIT of a healthy rank its startup process stopped because of it
         self.start_failures: list[str] = []
@@ -184,7 +185,8 @@ class AgentPool:
         return {"servable": self.spec.name, "rank_size": self.dist.rank_size, "stage_size": self.dist.stage_size,
                 "shard": self.dist.shard, "shard_options": self.dist.shard_options,
                 "with_batch_dim": self.model.with_batch_dim, "ranks": [[r.ip, r.device_id] for r in self.ranks],
-                "store_port": self.store.port, "generation": self.generation, "heartbeat": self.heartbeat}
+                "store_port": self.store.port, "generation": self.generation, "heartbeat": self.heartbeat,
+                "continuous_batching": self.dist.continuous_batching, "max_batch_rows": self.model.max_batch_size}
 
     async def _on_register(self, identity: bytes, header: dict[str, Any]) -> None:
         rank, generation = header.get("rank"), header.get("generation")
@@ -264,7 +266,10 @@ class AgentPool:
                     await self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "instances": encoded}, buffers)
                 else:
                     await self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "count": len(instances)})
-            return await batch.future
+            try:
+                return await batch.future
+            finally:
+                self.joined_batches += batch.joined
         finally:
             self.pending.pop(batch_id, None)
 
@@ -288,6 +293,7 @@ class _Batch:
         self.count = count
         self.outputs: list[list[Value] | ServingError] | None = None
         self.error: ServingError | None = None
+        self.joined = False  # the Agents ran it inside an earlier batch (continuous batching)
         self.future: asyncio.Future[list[list[Value] | ServingError]] = asyncio.get_running_loop().create_future()
 
     def on_reply(self, header: dict[str, Any], buffers: Any) -> None:
@@ -301,6 +307,7 @@ class _Batch:
             return
         rank = header.get("rank")
         self.waiting.discard(rank)  # type: ignore[arg-type]
+        self.joined = self.joined or bool(header.get("joined"))
         if "error" in header and self.error is None:
             self.error = ServingError.from_wire(header["error"])
             self.error.message = f"Error happened on get result of rank {rank}: {self.error.message}"
@@ -330,6 +337,10 @@ class DistributedBackend:
         self.pool = pool
         self.loop = loop
         self.batch_size = pool.model.max_batch_size
+
+    @property
+    def joined(self) -> int:
+        return self.pool.joined_batches
 
     def check_instance(self, values: list[Value]) -> list[Value]:
         return values

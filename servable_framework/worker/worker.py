@@ -61,8 +61,11 @@ class Worker:
             await self.agents.start()  # opens distributed_address first, then checks the rank table
             await self.agents.wait_ready()
             backend = DistributedBackend(self.agents, asyncio.get_running_loop())
-            concurrency = dist_model.distributed.stage_size if dist_model.distributed and \
-                dist_model.distributed.enable_pipeline_infer else 1
+            dist = dist_model.distributed
+            assert dist is not None
+            concurrency = dist.stage_size if dist.enable_pipeline_infer else 1
+            if dist.continuous_batching:  # each in-flight batch holds a thread; the Agents take them in
+                concurrency = max(concurrency, dist_model.max_batch_size)
             self.batchers[dist_model.key] = ModelBatcher(backend, dist_model.key, dist_model.max_batch_delay_ms,
                                                          concurrency)
         else:
@@ -169,7 +172,7 @@ class Worker:
                                                       "batches": self._batch_stats()}, out_buffers)
 
     def _batch_stats(self) -> dict[str, list[int]]:
-        return {k: [b.batches_run, b.instances_run] for k, b in self.batchers.items()}
+        return {k: [b.batches_run, b.instances_run, getattr(b.backend, "joined", 0)] for k, b in self.batchers.items()}
 
     async def _watch_main(self) -> None:
         """Main pings every interval; silence beyond the timeout means Main is wedged or gone."""

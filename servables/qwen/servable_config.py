@@ -16,7 +16,9 @@ the network on a client's behalf). Greedy decoding unless ``temperature > 0``.
 Deployment knobs (environment, read when this file is imported by the Worker):
 ``QWEN_CHECKPOINT`` (default: the tiny offline model, built on first use under ``tiny_models/``),
 ``QWEN_RANK_SIZE`` (2), ``QWEN_STAGE_SIZE`` (1), ``QWEN_MAX_NEW_TOKENS`` (default 64),
-``QWEN_MAX_NEW_TOKENS_CAP`` (512), ``QWEN_MAX_BATCH_SIZE`` (8), ``QWEN_MAX_BATCH_DELAY_MS`` (5).
+``QWEN_MAX_NEW_TOKENS_CAP`` (512), ``QWEN_MAX_BATCH_SIZE`` (8), ``QWEN_MAX_BATCH_DELAY_MS`` (5),
+``QWEN_CONTINUOUS_BATCHING`` (1: requests that arrive while a batch decodes join it as rows free up; 0: they
+wait for the running batch to finish).
 """
 
 import io
@@ -47,6 +49,7 @@ model = distributed.declare_servable(
     shard="qwen2_5_vl",
     max_batch_size=int(os.environ.get("QWEN_MAX_BATCH_SIZE", "8")),
     max_batch_delay_ms=float(os.environ.get("QWEN_MAX_BATCH_DELAY_MS", "5")),
+    continuous_batching=os.environ.get("QWEN_CONTINUOUS_BATCHING", "1") != "0",
 )
 
 

@@ -7,7 +7,13 @@ PLAN.json lists parallel layouts and the scenarios to run in each::
     {"layouts": [{"name": "tp2", "world": 2, "stage_size": 1, "ckpt": DIR, "port": 29500}, ...],
      "inputs": "inputs.npz",  # arrays "<prompt>/input_ids", "<prompt>/pixel_values", "<prompt>/image_grid_thw"
      "scenarios": [{"name": "batch", "api": "generate" | "predict", "eos": null | [ids],
-                    "instances": [{"prompt": "img", "sampling": [5 numbers]}, ...]}, ...]}
+                    "instances": [{"prompt": "img", "sampling": [5 numbers]}, ...],
+                    "joins": [{"at": 3, "instances": [...]}, ...]}, ...]}
+
+``joins`` scripts continuous batching: `ScriptedLink` offers each listed batch (ids 2, 3, ... in list order;
+the scenario's own batch is id 1) when the output rank asks for the ``at``-th time (0 = after the prefill
+step), exactly as the Agent's link would offer batches that arrived meanwhile. Joined batches write
+``<scenario>/b<id>/<i>/...`` and failures ``<scenario>/b<id>/error``.
 
 Importing torch + transformers costs several seconds per process on 2 cores, so one set of processes
 runs the layouts one after another: for each layout the ranks ``< world`` do what the Agent runtime
@@ -36,6 +42,38 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+
+class ScriptedLink:
+    """A `BatchLink` that offers scripted batches at given steps (the same script on every rank)."""
+
+    def __init__(self, joins: list[dict], make_instances, stage0: bool) -> None:
+        from servable_framework.agent.shard import WaitingBatch
+
+        self.batch_id = 1
+        self.asked = 0
+        self.waiting = [(j["at"], WaitingBatch(2 + n, make_instances(j["instances"]) if stage0 else None,
+                                               len(j["instances"]))) for n, j in enumerate(joins)]
+        self.completed: dict[int, object] = {}
+        self.failed: dict[int, str] = {}
+
+    def emit(self, batch_id, index, outputs) -> None:
+        pass
+
+    def complete(self, batch_id, outputs) -> None:
+        self.completed[batch_id] = outputs
+
+    def fail(self, batch_id, error) -> None:
+        self.failed[batch_id] = f"{type(error).__name__}: {error}"
+
+    def joinable(self, active_rows: int) -> int:
+        k = sum(1 for at, _ in self.waiting if at == self.asked)
+        self.asked += 1
+        return k
+
+    def join(self, k: int):
+        taken, self.waiting = self.waiting[:k], self.waiting[k:]
+        return [w for _, w in taken]
 
 
 def run_layout(rank: int, layout: dict, plan: dict, out_dir: Path) -> None:
@@ -69,13 +107,15 @@ def run_layout(rank: int, layout: dict, plan: dict, out_dir: Path) -> None:
             shards[key] = make_shard(scenario.get("eos"))
         ctx, shard = shards[key]
         name = scenario["name"]
-        instances = None
-        if ctx.is_first_stage:
-            instances = []
-            for inst in scenario["instances"]:
-                p = inst["prompt"]
-                instances.append([inputs[f"{p}/input_ids"], inputs[f"{p}/pixel_values"],
-                                  inputs[f"{p}/image_grid_thw"], np.asarray(inst["sampling"], dtype=np.float64)])
+
+        def make_instances(spec: list[dict]) -> list:
+            return [[inputs[f"{inst['prompt']}/input_ids"], inputs[f"{inst['prompt']}/pixel_values"],
+                     inputs[f"{inst['prompt']}/image_grid_thw"], np.asarray(inst["sampling"], dtype=np.float64)]
+                    for inst in spec]
+
+        instances = make_instances(scenario["instances"]) if ctx.is_first_stage else None
+        link = ScriptedLink(scenario["joins"], make_instances, ctx.is_first_stage) if "joins" in scenario else None
+        shard.link = link
         try:
             if scenario.get("api") == "predict":
                 out = shard.predict(instances)
@@ -91,10 +131,22 @@ def run_layout(rank: int, layout: dict, plan: dict, out_dir: Path) -> None:
                         results[f"{name}/{i}/tokens"] = np.asarray(tokens, dtype=np.int64)
                         results[f"{name}/{i}/logits"] = res.logits[i]
                         results[f"{name}/{i}/reason"] = np.array(res.finish_reasons[i])
+                if link is not None:
+                    report.setdefault("joined", {})[name] = {
+                        "completed": sorted(link.completed), "failed": link.failed, "left": len(link.waiting)}
+                    for key, joined in shard.last_results.items() if res is not None else ():
+                        for i, tokens in enumerate(joined.tokens):
+                            results[f"{name}/b{key}/{i}/tokens"] = np.asarray(tokens, dtype=np.int64)
+                            results[f"{name}/b{key}/{i}/logits"] = joined.logits[i]
+                    for key, text in link.failed.items():
+                        if ctx.is_output_rank:
+                            results[f"{name}/b{key}/error"] = np.array(text)
         except ValueError as exc:  # a rejected request: every rank must get here, then go on in step
             report["returned"][name] = f"ValueError: {exc}"
             if ctx.is_output_rank:
                 results[f"{name}/error"] = np.array(str(exc))
+        finally:
+            shard.link = None
 
     ctx, shard = shards[json.dumps(None)]
     held = dict(shard.tensors())

@@ -240,3 +240,39 @@ def test_finished_request_leaves_the_batch_early(qwen, reference) -> None:
     assert done == ["short", "long"]
     assert texts["short"] == reference("Hello, world!", None, 2)
     assert texts["long"] == reference("Tell me everything.", None, 200)
+
+
+def joined_batches(rest: Rest) -> int:
+    text = rest.get("/metrics").text
+    return sum(int(float(v)) for v in re.findall(
+        r'^servable_model_batches_joined_total\{[^}]*servable="qwen"[^}]*\} (\S+)', text, re.M))
+
+
+def test_request_arriving_mid_decode_joins_the_running_batch(qwen, reference) -> None:
+    """Continuous batching: requests sent while a long generation runs are taken into its decode loop
+    (the Agents report the join) and answered before it ends; every answer equals the unbatched model's."""
+    import threading
+
+    from tests.support.procs import wait_until
+
+    _, _, rest, _ = qwen
+    wait_until(lambda: "servable_model_batches_joined_total{" in rest.get("/metrics").text, 10, "join metrics")
+    joined0 = joined_batches(rest)
+    long_text: list[str] = []
+    long = threading.Thread(target=lambda: long_text.append(
+        predict(rest, [{"prompt": "Tell me a long story.", "max_new_tokens": 400}]).json()["instances"][0]["text"]))
+    long.start()
+    shorts: list[tuple[str, str, bool]] = []  # (prompt, answer, answered while the long one still ran)
+    for k in range(30):
+        if not long.is_alive():
+            break
+        prompt = f"Short question {k}?"
+        r = predict(rest, [{"prompt": prompt, "max_new_tokens": 3}])
+        assert r.status_code == 200, r.text
+        shorts.append((prompt, r.json()["instances"][0]["text"], long.is_alive()))
+    long.join(120)
+    assert long_text == [reference("Tell me a long story.", None, 400)]
+    for prompt, answer, _ in shorts:
+        assert answer == reference(prompt, None, 3)
+    assert sum(early for _, _, early in shorts) >= 2, f"short requests waited for the long one: {shorts}"
+    wait_until(lambda: joined_batches(rest) > joined0, 10, "the Agents to report a joined batch")

@@ -318,6 +318,16 @@ def make_spec(work: Path, prompts: dict, eos_token: int) -> dict:
         {"name": "eos_batch", "eos": [eos_token], "instances": [inst("img", greedy(MAX_NEW)),
                                                                  inst("txt", greedy(MAX_NEW))]},
         {"name": "predict", "api": "predict", "instances": [inst("txt", greedy(5)), inst("img", greedy(3))]},
+        # continuous batching: batches join the running one at step boundaries (ids 2.. in list order); a bad
+        # one fails alone; two join at once; the running batch ends before those that joined it
+        {"name": "join", "instances": [inst("img", greedy(MAX_NEW))], "joins": [
+            {"at": 1, "instances": [inst("bad", greedy(3))]},
+            {"at": 2, "instances": [inst("txt", greedy(6))]},
+            {"at": 4, "instances": [inst("img2", greedy(8)), inst("txt", greedy(3))]},
+            {"at": 4, "instances": [inst("img", greedy(2))]}]},
+        # a batch offered at the step the running one finishes carries the loop on alone
+        {"name": "join_after_done", "instances": [inst("txt", greedy(2))], "joins": [
+            {"at": 1, "instances": [inst("img", greedy(4))]}]},
     ]}
 
 
@@ -433,3 +443,31 @@ def test_sharded_matches_unsharded_hf(layout, layout_runs, reference, teacher_fo
         assert rep["shapes"]["text.layers.0.self_attn.o_proj.weight"] == [128, 128 // tp]
         assert rep["shapes"]["text.layers.0.mlp.down_proj.weight"] == [128, 256 // tp]
     print(f"\n[{layout}] max |logit diff|: " + ", ".join(f"{k} {v:.3g}" for k, v in worst.items()))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_joined_batches_match_unsharded_hf(layout, layout_runs, reference) -> None:
+    """Continuous batching: every batch that joined a running decode loop (its cache appended, left-padded)
+    gets the unsharded model's logits at every step, and so does the batch it joined."""
+    res, reports = layout_runs[layout]
+
+    def check(key: str, prompt: str, max_new: int) -> None:
+        ref_tokens, ref_logits = reference(prompt, max_new)
+        tokens, logits = res[f"{key}/tokens"].tolist(), res[f"{key}/logits"]
+        assert tokens == ref_tokens, f"{layout} {key}: tokens {tokens} != reference {ref_tokens}"
+        assert logits.shape == ref_logits.shape, (key, logits.shape, ref_logits.shape)
+        diff = float(np.abs(logits - ref_logits).max())
+        assert diff < ATOL, f"{layout} {key}: max |logit diff| {diff:.3g} vs unsharded HF"
+
+    check("join/0", "img", MAX_NEW)
+    check("join/b3/0", "txt", 6)
+    check("join/b4/0", "img2", 8)
+    check("join/b4/1", "txt", 3)
+    check("join/b5/0", "img", 2)
+    assert "instance 0: image_grid_thw describes 24 patches but pixel_values has 20" in str(res["join/b2/error"])
+    check("join_after_done/0", "txt", 2)
+    check("join_after_done/b2/0", "img", 4)
+    for rep in reports:  # every rank took in, completed and failed the same batches, and none is left
+        assert rep["joined"]["join"]["completed"] == [1, 3, 4, 5], rep
+        assert list(rep["joined"]["join"]["failed"]) == ["2"] and rep["joined"]["join"]["left"] == 0, rep
+        assert rep["joined"]["join_after_done"]["completed"] == [1, 2], rep
