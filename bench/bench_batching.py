@@ -2,9 +2,13 @@
 
 What is measured, in one run:
 
-* served (examples/qwen/serving_server.py + serving_agent.py, ``--tp``, free ports), twice, one after the other:
-  batching off (``QWEN_MAX_BATCH_SIZE=1``) and on (``QWEN_MAX_BATCH_SIZE=8``, ``QWEN_MAX_BATCH_DELAY_MS=--delay-ms``);
-  every request is the same text-only prompt, greedy, ``max_new_tokens = --tokens``, sent over ZMQ
+* served (examples/qwen/serving_server.py + serving_agent.py, ``--tp``, free ports), three times, one after the
+  other: batching off (``QWEN_MAX_BATCH_SIZE=1``), static batching (``QWEN_MAX_BATCH_SIZE=8``,
+  ``QWEN_MAX_BATCH_DELAY_MS=--delay-ms``, ``QWEN_CONTINUOUS_BATCHING=0``: a batch runs to its end while newer
+  requests wait) and continuous batching (the same with ``QWEN_CONTINUOUS_BATCHING=1``, the default: newer
+  requests join the running decode loop as rows free up);
+  every request is the same text-only prompt, greedy, ``max_new_tokens = --tokens`` (``--mixed``: request n asks
+  for ``[tokens/4, tokens, 2*tokens][n % 3]``, where continuous batching matters most), sent over ZMQ
   (`servable_framework.client.Client`, one per thread); closed loop with c = 1 and 8 threads, warm-up excluded,
   then ``--seconds``. Identical requests in every cell; only the server's two batching knobs change.
 * reference, in-process (bench/_qwen_inproc.py, no serving): one ``shard.generate`` call with 1 and with 8
@@ -14,11 +18,11 @@ What is measured, in one run:
 Also recorded per cell: the mean batch the Worker formed (GET /metrics) and the CPU cores each process role
 used (Main, Worker, Agent, this load generator; /proc), to show what limits throughput.
 
-Every reply is checked: failures count as errors; a text different from the in-process greedy text counts
-as a mismatch (batched float math may differ in the last bits). The pass line: batching-on throughput at
-c=8 >= 3x that at c=1.
+Every reply is checked: failures count as errors; a text different from the in-process greedy text of its
+length counts as a mismatch (batched float math may differ in the last bits). The pass line: continuous
+batching's throughput at c=8 >= 3x that at c=1.
 
-    .venv/bin/python bench/bench_batching.py [--tp 1] [--tokens 16] [--delay-ms 10] [--seconds 15]
+    .venv/bin/python bench/bench_batching.py [--tp 1] [--tokens 16] [--mixed] [--delay-ms 10] [--seconds 15]
 
 Writes bench/results/bench_batching.json.
 """
@@ -46,15 +50,16 @@ from servable_framework.client import Client
 PROMPT = "Describe the quick brown fox and the lazy dog."
 
 
-def reference(tp: int, tokens: int, batch: int, tmp: Path) -> dict:
-    """In-process generate() of ``batch`` copies; median seconds per call, instances/s, text."""
+def reference(tp: int, lengths: list[int], batch: int, tmp: Path) -> list[dict]:
+    """In-process generate() of ``batch`` copies per length; median seconds per call, instances/s, text."""
     from servables.qwen.tiny_model import build_tiny_qwen
 
     args = ["--ckpt", str(build_tiny_qwen(REPO / "tiny_models")), "--prompt", PROMPT, "--no-image",
-            "--tokens", str(tokens), "--repeats", "5", "--warmup", "2", "--batch", str(batch)]
-    r = run_qwen_inproc(tp, args, tmp)["results"][str(tokens)]
-    return {"batch": batch, "e2e_s": median(r["e2e_s"]), "inst_per_s": batch / median(r["e2e_s"]),
-            "n_tokens": r["n_tokens"], "reason": r["reason"], "text": r["text"]}
+            "--tokens", *map(str, lengths), "--repeats", "5", "--warmup", "2", "--batch", str(batch)]
+    results = run_qwen_inproc(tp, args, tmp)["results"]
+    return [{"batch": batch, "tokens": n, "e2e_s": median(r["e2e_s"]), "inst_per_s": batch / median(r["e2e_s"]),
+             "n_tokens": r["n_tokens"], "reason": r["reason"], "text": r["text"]}
+            for n, r in ((n, results[str(n)]) for n in lengths)]
 
 
 def batch_counters(rest_url: str) -> tuple[float, float]:
@@ -78,7 +83,8 @@ def batch_counters(rest_url: str) -> tuple[float, float]:
     return last
 
 
-def served_cells(tp: int, env: dict[str, str], a: argparse.Namespace, expect: str, tmp: Path) -> list[dict]:
+def served_cells(tp: int, env: dict[str, str], a: argparse.Namespace, expect: dict[int, str], tmp: Path
+                 ) -> list[dict]:
     procs, rest_url, zmq_addr = start_qwen(tp, tmp, **env)
     cells = []
     try:
@@ -90,12 +96,13 @@ def served_cells(tp: int, env: dict[str, str], a: argparse.Namespace, expect: st
             def make(_: int, mismatches=mismatches, lock=lock):
                 client = Client(zmq_addr, "qwen", "predict", timeout_s=120)
 
-                def call(_: int) -> bool:
-                    out = client.infer({"prompt": PROMPT, "max_new_tokens": np.int32(a.tokens)})
+                def call(n: int) -> bool:
+                    length = a.lengths[n % len(a.lengths)]
+                    out = client.infer({"prompt": PROMPT, "max_new_tokens": np.int32(length)})
                     if not isinstance(out, list) or not isinstance(out[0].get("text"), str):
                         return False
                     with lock:
-                        mismatches[0] += out[0]["text"] != expect
+                        mismatches[0] += out[0]["text"] != expect[length]
                     return True
 
                 return call
@@ -119,50 +126,62 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=16, help="max_new_tokens of every request")
+    ap.add_argument("--mixed", action="store_true", help="request n asks for [tokens/4, tokens, 2*tokens][n %% 3]")
     ap.add_argument("--delay-ms", default="10", help="QWEN_MAX_BATCH_DELAY_MS with batching on")
     ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per cell")
     ap.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per cell, not recorded")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     a = ap.parse_args()
+    a.lengths = [max(1, a.tokens // 4), a.tokens, 2 * a.tokens] if a.mixed else [a.tokens]
+    mean_len = sum(a.lengths) / len(a.lengths)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_batching-"))
     try:
-        refs = [reference(a.tp, a.tokens, b, tmp) for b in (1, 8)]
-        expect = refs[0]["text"]
-        modes = {"off": {"QWEN_MAX_BATCH_SIZE": "1", "QWEN_MAX_BATCH_DELAY_MS": "0"},
-                 "on": {"QWEN_MAX_BATCH_SIZE": "8", "QWEN_MAX_BATCH_DELAY_MS": a.delay_ms}}
+        alone = reference(a.tp, a.lengths, 1, tmp)
+        expect = {r["tokens"]: r["text"] for r in alone}
+        refs = [next(r for r in alone if r["tokens"] == a.tokens), reference(a.tp, [a.tokens], 8, tmp)[0]]
+        on = {"QWEN_MAX_BATCH_SIZE": "8", "QWEN_MAX_BATCH_DELAY_MS": a.delay_ms}
+        modes = {"off": {"QWEN_MAX_BATCH_SIZE": "1", "QWEN_MAX_BATCH_DELAY_MS": "0", "QWEN_CONTINUOUS_BATCHING": "0"},
+                 "static": {**on, "QWEN_CONTINUOUS_BATCHING": "0"},
+                 "continuous": {**on, "QWEN_CONTINUOUS_BATCHING": "1"}}
         cells = {m: served_cells(a.tp, env, a, expect, tmp) for m, env in modes.items()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    on1 = next(c for c in cells["on"] if c["concurrency"] == 1)["rps"]
+    def rps(mode: str, c: int) -> float:
+        return next((x["rps"] for x in cells[mode] if x["concurrency"] == c), float("nan"))
+
+    on1 = rps("continuous", 1)
     rows = []
     for mode, mode_cells in cells.items():
         for c in mode_cells:
             rows.append([f"batching {mode} (max {c['QWEN_MAX_BATCH_SIZE']}, {c['QWEN_MAX_BATCH_DELAY_MS']} ms)",
-                         c["concurrency"], c["rps"], c["rps"] * a.tokens, c["p50_ms"], c["p99_ms"], c["rps"] / on1,
+                         c["concurrency"], c["rps"], c["rps"] * mean_len, c["p50_ms"], c["p99_ms"], c["rps"] / on1,
                          c["mean_batch"], c["requests"], c["errors"] + c["warmup_errors"], c["text_mismatches"]])
     for r in refs:
         rows.append([f"in-process generate(), batch {r['batch']}", "-", r["inst_per_s"], r["inst_per_s"] * a.tokens,
-                     r["e2e_s"] * 1e3, "-", r["inst_per_s"] / on1, float(r["batch"]), 5, 0, int(r["text"] != expect)])
+                     r["e2e_s"] * 1e3, "-", r["inst_per_s"] / on1, float(r["batch"]), 5, 0,
+                     int(r["text"] != expect[a.tokens])])
     print()
-    print(table(["server", "c", "req/s", "tok/s", "p50 ms", "p99 ms", "vs on c=1", "mean batch", "requests",
-                 "errors", "mismatches"], rows))
+    print(f"requests ask for max_new_tokens {a.lengths} in turn" if a.mixed else f"max_new_tokens {a.tokens}")
+    print(table(["server", "c", "req/s", "tok/s", "p50 ms", "p99 ms", "vs continuous c=1", "mean batch",
+                 "requests", "errors", "mismatches"], rows))
     print(f"CPU cores used per process role ({os.cpu_count()} CPUs; warm-up included):")
     for mode, mode_cells in cells.items():
         for c in mode_cells:
             print(f"  batching {mode:3s} c={c['concurrency']}: " +
                   ", ".join(f"{k} {v:.2f}" for k, v in sorted(c["cores_used"].items())))
-    on8 = next(c for c in cells["on"] if c["concurrency"] == 8)["rps"] if 8 in a.concurrency else float("nan")
-    off1 = next(c for c in cells["off"] if c["concurrency"] == 1)["rps"]
+    on8, static8, off1 = rps("continuous", 8), rps("static", 8), rps("off", 1)
     ratio, model_ratio = on8 / on1, refs[1]["inst_per_s"] / refs[0]["inst_per_s"]
-    print(f"\nbatching on: c=8 / c=1 = {ratio:.2f}x -> {'PASS' if ratio >= 3 else 'FAIL'} (target >= 3x); "
-          f"batching on c=8 / batching off c=1 = {on8 / off1:.2f}x; "
+    print(f"\ncontinuous batching: c=8 / c=1 = {ratio:.2f}x -> {'PASS' if ratio >= 3 else 'FAIL'} (target >= 3x); "
+          f"static batching c=8 / c=1 = {static8 / rps('static', 1):.2f}x; continuous c=8 / static c=8 = "
+          f"{on8 / static8:.2f}x; continuous c=8 / batching off c=1 = {on8 / off1:.2f}x; "
           f"in-process model alone, batch 8 / batch 1 = {model_ratio:.2f}x")
     if refs[0]["n_tokens"] != a.tokens:
         print(f"WARNING: the reference stopped after {refs[0]['n_tokens']} tokens ({refs[0]['reason']})")
     write_results("bench_batching", {"settings": vars(a), "prompt": PROMPT, "reference": refs, "cells": cells,
                                      "on_c8_over_c1": ratio, "pass_3x": ratio >= 3, "on_c8_over_off_c1": on8 / off1,
+                                     "continuous_c8_over_static_c8": on8 / static8,
                                      "inprocess_batch8_over_batch1": model_ratio})
 
 
