@@ -4,6 +4,8 @@ Each rank's model file is a safetensors file holding its column slice ``w`` of `
 Stage 0 computes ``x @ w`` and all-gathers the slices across its TP group. With ``stage_size > 1`` every
 stage is one such column-parallel layer: stage s sends its activations to the same TP rank of stage s+1
 (a shape header first, then the tensor); the last stage negates the result and its first TP rank answers.
+A batch stage 0 rejects (bad shapes) is announced downstream instead (header ``[-1, len(text), 0]``, then the
+error text), so every stage fails it with the same message and stays in step for the next batch.
 """
 
 from __future__ import annotations
@@ -36,9 +38,23 @@ class MatMulShard(ModelShard):
         src = self.ctx.peer_in_stage(self.ctx.stage - 1)
         header = torch.empty(3, dtype=torch.int64, device=self.ctx.device)
         dist.recv(header, src=src)
+        if int(header[0]) < 0:  # stage 0 rejected the batch: pass the news on, fail alike
+            text = torch.empty(int(header[1]), dtype=torch.uint8, device=self.ctx.device)
+            dist.recv(text, src=src)
+            message = bytes(text.cpu().tolist()).decode(errors="replace")
+            self._reject_downstream(message)
+            raise ValueError(message)
         x = torch.empty(tuple(header.tolist()), dtype=torch.float32, device=self.ctx.device)
         dist.recv(x, src=src)
         return x
+
+    def _reject_downstream(self, message: str) -> None:
+        if self.ctx.is_last_stage:
+            return
+        dst = self.ctx.peer_in_stage(self.ctx.stage + 1)
+        data = message.encode()
+        dist.send(torch.tensor([-1, len(data), 0], dtype=torch.int64, device=self.ctx.device), dst=dst)
+        dist.send(torch.tensor(list(data), dtype=torch.uint8, device=self.ctx.device), dst=dst)
 
     def _send(self, y: torch.Tensor) -> None:
         dst = self.ctx.peer_in_stage(self.ctx.stage + 1)
@@ -48,14 +64,11 @@ class MatMulShard(ModelShard):
     @torch.inference_mode()
     def predict(self, instances: list[InstanceValues] | None) -> list[InstanceValues] | None:
         if self.ctx.is_first_stage:
-            assert instances is not None
-            xs = [np.asarray(inst[0], dtype=np.float32) for inst in instances]
-            for x in xs:
-                if x.ndim != 2 or x.shape[1] != self.in_features:
-                    raise ValueError(f"input x must be [rows, {self.in_features}] float32, got shape {list(x.shape)}")
-            if len({x.shape for x in xs}) != 1:
-                raise ValueError("all instances of a batch must have the same shape")
-            x = torch.from_numpy(np.stack(xs)).to(self.ctx.device)  # [batch, rows, K]
+            try:
+                x = self._inputs(instances)
+            except ValueError as exc:  # before any collective
+                self._reject_downstream(str(exc))
+                raise
         else:
             x = self._recv()
         y = self._layer(x)
@@ -66,3 +79,14 @@ class MatMulShard(ModelShard):
             return None
         out = (-y).cpu().numpy()
         return [[out[i]] for i in range(out.shape[0])]
+
+    def _inputs(self, instances: list[InstanceValues] | None) -> torch.Tensor:
+        if not instances:
+            raise ValueError("stage-0 ranks must receive the instances")
+        xs = [np.asarray(inst[0], dtype=np.float32) for inst in instances]
+        for x in xs:
+            if x.ndim != 2 or x.shape[1] != self.in_features:
+                raise ValueError(f"input x must be [rows, {self.in_features}] float32, got shape {list(x.shape)}")
+        if len({x.shape for x in xs}) != 1:
+            raise ValueError("all instances of a batch must have the same shape")
+        return torch.from_numpy(np.stack(xs)).to(self.ctx.device)  # [batch, rows, K]

@@ -61,7 +61,8 @@ from agents.qwen_parallel import (
 from servable_framework.agent.shard import InstanceValues, ModelShard, ShardContext, WaitingBatch, register_shard
 
 # stage -> stage messages: an int64 header, then the tensors it announces
-_PREFILL, _DECODE, _ABORT, _EMPTY = 0, 1, 2, 3  # header[0]
+_PREFILL, _DECODE, _ABORT, _EMPTY, _JOIN = 0, 1, 2, 3, 4  # header[0]
+_ACCEPTED, _REJECTED_BAD_INPUT, _REJECTED_INTERNAL = 0, 1, 2  # per joining batch, after a JOIN header
 _HEADER_LEN = 6  # [kind, batch, seq_len, mask_len, text_len, client_error]
 
 
@@ -103,8 +104,9 @@ class _Rows:
     def size(self) -> int:
         return len(self.owners)
 
-    def append(self, key: int, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor | None,
-               ids: list[int]) -> None:
+    def append(self, batches: list[tuple[int, int]], cache: DynamicCache, mask: torch.Tensor,
+               next_pos: torch.Tensor | None, ids: list[int]) -> None:
+        """Append the rows of ``batches`` ([(batch id, rows)], in row order) prefilled together on ``cache``."""
         if self.cache is None or not self.owners:
             self.cache, self.mask, self.next_pos = cache, mask, next_pos
         else:
@@ -115,10 +117,14 @@ class _Rows:
             self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
             if next_pos is not None:
                 self.next_pos = torch.cat([self.next_pos, next_pos])
-        self.owners.extend((key, i) for i in range(len(ids)))
-        self.row_ids[key] = list(ids)
-        self.owner_of_row_id.update({b: (key, i) for i, b in enumerate(ids) if b >= 0})
-        self.left[key] = len(ids)
+        start = 0
+        for key, count in batches:
+            rows = ids[start:start + count]
+            start += count
+            self.owners.extend((key, i) for i in range(count))
+            self.row_ids[key] = list(rows)
+            self.owner_of_row_id.update({b: (key, i) for i, b in enumerate(rows) if b >= 0})
+            self.left[key] = count
 
     def drop(self, finished: torch.Tensor, first_stage: bool) -> list[int]:
         """Remove the finished rows (every rank drops the same ones); the ids of the batches now complete."""
@@ -329,7 +335,7 @@ class Qwen25VLShard(ModelShard):
         run = _Rows()
         sampler = BatchSampler(self.eos_ids, self.pad_id, collect_logits) if ctx.is_output_rank else None
         self.last_results: dict[int, GenerationResult] = {}
-        parts = [self._prefill_rows(run, sampler, own, *start)]
+        parts = [self._prefill_rows(run, sampler, [(own, start[0].shape[0])], *start)]
         tokens = torch.empty(0, dtype=torch.int64, device=self.device)
         while True:
             sync_len = run.size  # rows taking part in this step (running + just joined)
@@ -355,8 +361,8 @@ class Qwen25VLShard(ModelShard):
             parts = []
             if run.size:
                 parts.append(self._decode_rows(run, tokens))
-            for waiting in joining:
-                part = self._join(run, sampler, waiting)
+            if joining:
+                part = self._join(run, sampler, joining)
                 if part is not None:
                     parts.append(part)
             if not run.size:  # every joiner was rejected and nothing else runs
@@ -385,16 +391,17 @@ class Qwen25VLShard(ModelShard):
             return self.lm_head(self.final_norm(hidden[:, -1]))
         return None
 
-    def _prefill_rows(self, run: _Rows, sampler: BatchSampler | None, key: int, hidden, positions, mask,
-                      sampling) -> torch.Tensor | None:
-        """Prefill one batch on a fresh cache and append its rows to ``run``; its logits on the output rank."""
+    def _prefill_rows(self, run: _Rows, sampler: BatchSampler | None, batches: list[tuple[int, int]], hidden,
+                      positions, mask, sampling) -> torch.Tensor | None:
+        """Prefill the rows of ``batches`` ([(batch id, rows)]) together on a fresh cache and append them to
+        ``run``; their logits on the output rank."""
         cache = DynamicCache(config=self.text_config)  # this stage's layers only
         logits = self._forward(hidden, positions, mask, cache, sampling)
         # decode positions: one past the largest prefill position of each row (= past + rope_deltas for an
         # unpadded row, and right under left padding); kept per row, never on the model
         next_pos = positions.amax(dim=(0, 2)) + 1 if self.ctx.is_first_stage else None
         ids = sampler.add(sampling) if sampler is not None else [-1] * hidden.shape[0]  # ids: output rank only
-        run.append(key, cache, mask, next_pos, ids)
+        run.append(batches, cache, mask, next_pos, ids)
         return logits
 
     def _decode_rows(self, run: _Rows, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -408,37 +415,88 @@ class Qwen25VLShard(ModelShard):
             hidden, positions, run.mask, _ = self._recv_step()
         return self._forward(hidden, positions, run.mask, run.cache)
 
-    def _join(self, run: _Rows, sampler: BatchSampler | None, waiting: WaitingBatch) -> torch.Tensor | None:
-        """Take in a batch that arrived while this one ran. Bad input fails that batch alone (an ABORT
-        tells the later stages); the running rows are unaffected."""
+    def _join(self, run: _Rows, sampler: BatchSampler | None, joining: list[WaitingBatch]) -> torch.Tensor | None:
+        """Take in the batches that arrived while this one ran, prefilled together in one pass. A batch with
+        bad input fails alone (stage 0 tells the later stages which, with a JOIN header); the running rows
+        are unaffected. Returns the joined rows' logits on the output rank (None if none was accepted)."""
         assert self.link is not None
-        key = waiting.batch_id
+        joining = [w for w in joining if self._complete_if_empty(w)]
+        if not joining:
+            return None
         if self.ctx.is_first_stage:
-            try:
-                batch = self._prepare(waiting.instances)
-                prefill = None if batch is None else self._prefill_inputs(batch)
-            except Exception as exc:
-                self._send_control(_ABORT, str(exc), client_error=isinstance(exc, ValueError))
-                self.link.fail(key, exc)
-                return None
-            if batch is None:
-                self._send_control(_EMPTY)
-                self.link.complete(key, [] if self.ctx.is_output_rank else None)
-                return None
-            start = (*prefill, batch.sampling)
-        else:
-            message = self._recv_step()
-            if isinstance(message, _Control):
-                self._send_control(message.kind, message.text, message.client_error)
-                if message.kind == _ABORT:
-                    error = ValueError(message.text) if message.client_error else \
-                        RuntimeError(f"stage 0 failed: {message.text}")
-                    self.link.fail(key, error)
+            flags, texts, accepted = [], [], []
+            for w in joining:
+                try:
+                    for i, inst in enumerate(w.instances or [None]):
+                        try:
+                            self._check_instance(inst)
+                        except ValueError as exc:
+                            raise ValueError(f"instance {i}: {exc}") from None
+                except ValueError as exc:
+                    flags.append(_REJECTED_BAD_INPUT)
+                    texts.append(str(exc))
                 else:
-                    self.link.complete(key, [] if self.ctx.is_output_rank else None)
-                return None
-            start = message
-        return self._prefill_rows(run, sampler, key, *start)
+                    flags.append(_ACCEPTED)
+                    texts.append("")
+                    accepted.append(w)
+            start = None
+            if accepted:
+                try:
+                    batch = self._prepare([inst for w in accepted for inst in w.instances])
+                    start = (*self._prefill_inputs(batch), batch.sampling)
+                except Exception as exc:  # not the clients' fault: every accepted batch fails with it
+                    texts = [f"{type(exc).__name__}: {exc}" if f == _ACCEPTED else t for f, t in zip(flags, texts)]
+                    flags = [_REJECTED_INTERNAL if f == _ACCEPTED else f for f in flags]
+                    accepted = []
+        else:
+            flags, texts = self._recv_join()
+            accepted = [w for w, f in zip(joining, flags) if f == _ACCEPTED]
+        self._send_join(flags, texts)
+        for w, flag, text in zip(joining, flags, texts):
+            if flag == _REJECTED_BAD_INPUT:
+                self.link.fail(w.batch_id, ValueError(text))
+            elif flag == _REJECTED_INTERNAL:
+                self.link.fail(w.batch_id, RuntimeError(f"stage 0 failed: {text}"))
+        if not accepted:
+            return None
+        if not self.ctx.is_first_stage:
+            start = self._recv_step()
+        return self._prefill_rows(run, sampler, [(w.batch_id, w.count) for w in accepted], *start)
+
+    def _complete_if_empty(self, waiting: WaitingBatch) -> bool:
+        """A batch without instances is done at once, on every rank alike (every rank knows its count)."""
+        if waiting.count:
+            return True
+        assert self.link is not None
+        self.link.complete(waiting.batch_id, [] if self.ctx.is_output_rank else None)
+        return False
+
+    def _send_join(self, flags: list[int], texts: list[str]) -> None:
+        """JOIN header, then one flag per joining batch, then their texts (NUL-separated) when any."""
+        if self.ctx.is_last_stage:
+            return
+        data = "\0".join(texts).encode() if any(texts) else b""
+        peer = self._next_peer()
+        dist.send(self._header(_JOIN, len(flags), 0, 0, len(data)), dst=peer)
+        dist.send(torch.tensor(flags, dtype=torch.int64, device=self.device), dst=peer)
+        if data:
+            dist.send(torch.tensor(list(data), dtype=torch.uint8, device=self.device), dst=peer)
+
+    def _recv_join(self) -> tuple[list[int], list[str]]:
+        src = self.ctx.peer_in_stage(self.ctx.stage - 1)
+        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+        dist.recv(header, src=src)
+        kind, k, _, _, n_text, _ = header.tolist()
+        if kind != _JOIN:
+            raise RuntimeError(f"pipeline out of step: expected a JOIN header, got kind {kind}")
+        flags = torch.empty(k, dtype=torch.int64, device=self.device)
+        dist.recv(flags, src=src)
+        texts = [""] * k
+        if n_text:
+            data = torch.empty(n_text, dtype=torch.uint8, device=self.device)
+            dist.recv(data, src=src)
+            texts = bytes(data.cpu().tolist()).decode(errors="replace").split("\0")
+        return flags.tolist(), texts
 
     def _on_control(self, message: _Control) -> GenerationResult | None:
         """A later stage got ABORT/EMPTY instead of a prefill: pass it on, then end like stage 0 did."""

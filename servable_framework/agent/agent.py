@@ -229,13 +229,15 @@ class Agent:
     async def _predict(self, header: dict[str, Any], buffers: Any, frames: Any) -> None:
         loop = asyncio.get_running_loop()
         batch_id = header.get("id")
+        raw = header.get("instances")
+        count = len(raw) if isinstance(raw, list) else int(header.get("count", 0))
         try:
-            raw = header.get("instances")
             instances = None if raw is None else [[decode_value(v, buffers) for v in inst] for inst in raw]
-            count = len(instances) if instances is not None else int(header.get("count", 0))
         except (ServingError, ValueError, TypeError) as exc:
-            await self._reply(batch_id, None, exc)
-            return
+            # still queued like every other rank queues it, so all ranks stay in step: the shard rejects a
+            # stage-0 batch without instances before any collective and tells the later stages
+            log.warning("rank %d: undecodable instances in batch %s: %s", self.rank, batch_id, exc)
+            instances = None
         assert self.shard is not None
         # waits here (same order on every rank) until its own turn, unless a running batch takes it in first
         self.inbox.put(WaitingBatch(batch_id, instances, count))

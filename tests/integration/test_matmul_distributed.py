@@ -151,3 +151,8 @@ def test_pipeline_stages_with_batching(servers, matmul_dir) -> None:
         outs = list(pool.map(lambda x: client.infer({"x": x}), xs))
     for x, out in zip(xs, outs):
         np.testing.assert_allclose(out[0]["y"], -(x.astype(np.float64) @ w0 @ w1), rtol=1e-4, atol=1e-4)
+    # a batch stage 0 rejects is failed by every stage alike (none left waiting on a recv); serving goes on
+    bad = rest.post("/model/matmul:predict", {"instances": [{"x": np.ones((16, 5)).tolist()}]})
+    assert "input x must be [rows, 96] float32, got shape [16, 5]" in bad.text, bad.text
+    r = rest.post("/model/matmul:predict", {"instances": [{"x": np.ones((16, 96)).tolist()}]})
+    assert r.status_code == 200 and (np.array(r.json()["instances"][0]["y"]) == -48.0).all(), r.text
