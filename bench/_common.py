@@ -25,6 +25,8 @@ RESULTS = REPO / "bench" / "results"
 PYTHON = sys.executable
 SESSION = uuid.uuid4().hex
 LOAD_AT_START = os.getloadavg()
+# SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so every benchmark's `finally: stop_all(...)` still runs
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def free_port() -> int:
