@@ -55,7 +55,8 @@ def start_qwen(servers, ckpt: Path, tp: int, stages: int = 1, **env: str):
 @pytest.fixture(scope="module")
 def qwen(module_servers, tiny_ckpt):
     # a generous batch window so that concurrent requests in test_concurrent_requests_are_batched meet
-    server, agents, rest, zmq_address = start_qwen(module_servers, tiny_ckpt, tp=2, QWEN_MAX_BATCH_DELAY_MS="100")
+    server, agents, rest, zmq_address = start_qwen(module_servers, tiny_ckpt, tp=2, QWEN_MAX_BATCH_DELAY_MS="100",
+                                                   QWEN_CONTINUOUS_BATCHING="1")
     yield server, agents, rest, zmq_address
     rest.close()
 
