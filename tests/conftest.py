@@ -32,6 +32,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed test shows the log tails of the servers it started: CI keeps nothing else."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    funcargs = getattr(item, "funcargs", {})
+    for fixture in ("servers", "module_servers"):
+        started = funcargs.get(fixture)
+        for proc in getattr(started, "procs", []):
+            tail = proc.log()[-6000:]
+            report.sections.append((f"log of {proc.name} (pid {proc.pid})", tail))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     left = kill_session_leftovers()
     if left:

@@ -18,7 +18,7 @@ sys.path.insert(0, REPO)
 
 
 def start_agents(rank_start=0, checkpoint=None, ranks=None, address="127.0.0.1:6200"):
-    from servable_framework.agent.launcher import fetch_config
+    from servable_framework.agent.worker_link import fetch_config
 
     if not checkpoint:
         from servables.qwen.tiny_model import build_tiny_qwen

@@ -8,7 +8,8 @@ supervisor thread (non-daemon: it keeps ``serving_agent.py`` alive) restarts Age
 * an Agent that exits with `EXIT_REJOIN` (its group broke, or the Worker vanished) is started again for the
   next generation, with a fresh config;
 * an Agent that crashed or was killed is restarted with back-off, at most ``max_restarts`` times per rank;
-* exit code 0 means the servable was stopped: the supervisor stops everything and ends.
+* exit code 0 means the servable was stopped: the supervisor stops everything and ends; so does an EXIT
+  the Worker sends over the `WorkerLink` when it stops for good (it reaches Agents between generations too).
 
 Every Agent holds a death pipe to this process, so SIGKILL on it takes its Agents down too.
 """
@@ -21,53 +22,16 @@ import select
 import signal
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import zmq
-
-from servable_framework import procs, transport
+from servable_framework import procs
 from servable_framework.agent.agent import EXIT_REJOIN
+from servable_framework.agent.worker_link import ServableStopped, WorkerLink
 from servable_framework.logs import setup_logging
-from servable_framework.wire import Kind, pack, unpack
+from servable_framework.wire import Kind
 
 log = logging.getLogger("servable_framework.agent_startup")
-
-
-def fetch_config(address: str, timeout_s: float, lost: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Ask the Distributed Worker for the agent config, once a second until ``timeout_s``.
-
-    ``lost`` names Agents (rank, pid, error) this process is about to replace: the Worker retires them from
-    the current group *before* answering, so the config always carries the generation to join.
-    """
-    ctx = zmq.Context.instance()
-    deadline = time.monotonic() + timeout_s
-    last_error = "no answer"
-    while time.monotonic() < deadline:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(transport.zmq_endpoint(address, "distributed"))
-        try:
-            sock.send_multipart(pack(Kind.CONFIG, {"lost": lost or []}))
-            if sock.poll(1000):
-                _, header, _ = unpack(sock.recv_multipart())
-                if "error" not in header:
-                    return header
-                last_error = str(header["error"])
-        finally:
-            sock.close()
-    raise RuntimeError(f"Failed to get the agent config from the distributed worker at {address} within "
-                       f"{timeout_s:.0f} s ({last_error}); is serving_server.py running?")
-
-
-def notify_worker(address: str, kind: Kind, error: str, **fields: Any) -> None:
-    """Fire-and-forget control message to the Distributed Worker (it may be gone: linger bounds the wait)."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 500)
-    sock.connect(transport.zmq_endpoint(address, "distributed"))
-    sock.send_multipart(pack(kind, {"error": error, **fields}))
-    sock.close()
 
 
 def local_ranks(ranks: list[tuple[str, int]], rank_start: int | None, count: int | None) -> list[int]:
@@ -104,9 +68,10 @@ class _AgentProc:
 
 
 class AgentSupervisor:
-    def __init__(self, address: str, ranks: list[int], model_files: list[list[str]], config: dict[str, Any],
+    def __init__(self, link: WorkerLink, ranks: list[int], model_files: list[list[str]], config: dict[str, Any],
                  max_restarts: int, config_timeout_s: float) -> None:
-        self.address = address
+        self.link = link
+        self.address = link.address
         self.config = config
         self.max_restarts = max_restarts
         self.config_timeout_s = config_timeout_s
@@ -134,7 +99,11 @@ class AgentSupervisor:
             self._spawn(rank, files)
         waiting = {a.status_r: a for a in self.agents.values()}
         while waiting:
-            readable, _, _ = select.select(list(waiting), [], [])
+            self.link.poll()
+            if self.link.stopped.is_set():
+                self.stop_all()
+                raise RuntimeError("the distributed worker stopped the servable while the agents were starting")
+            readable, _, _ = select.select(list(waiting), [], [], 0.5)
             for fd in readable:
                 agent = waiting.pop(fd)
                 line = os.read(fd, 8192)
@@ -143,7 +112,7 @@ class AgentSupervisor:
                     continue
                 error = line[1:].decode(errors="replace").strip() if line.startswith(b"F") else \
                     f"agent rank {agent.rank} exited during start-up (code {agent.child.proc.wait()})"
-                notify_worker(self.address, Kind.FAILED, error)  # the cause first, then the exits it causes
+                self.link.notify(Kind.FAILED, error)  # the cause first, then the exits it causes
                 self.stop_all()
                 raise RuntimeError(f"Failed to start agents: {error}")
         # non-daemon: keeps serving_agent.py alive after startup_agents returns
@@ -154,6 +123,10 @@ class AgentSupervisor:
             fds = {a.status_r: a for a in self.agents.values()}
             if not fds:
                 break
+            self.link.poll()
+            if self.link.stopped.is_set():
+                self.stop_all()
+                break
             readable, _, _ = select.select(list(fds), [], [], 0.5)
             for fd in readable:
                 agent = fds[fd]
@@ -161,6 +134,7 @@ class AgentSupervisor:
                     continue  # a status line ("ready" after a restart)
                 os.close(fd)
                 self._on_exit(agent, agent.child.proc.wait())
+        self.link.close()
         log.info("agent supervisor finished")
 
     def _on_exit(self, agent: _AgentProc, code: int) -> None:
@@ -176,13 +150,13 @@ class AgentSupervisor:
         if code != EXIT_REJOIN:
             # tell the Worker now, not after its heartbeat timeout: in-flight requests fail at once
             lost = [{"rank": agent.rank, "pid": agent.child.pid, "error": f"died (exit code {code})"}]
-            notify_worker(self.address, Kind.FAILED, lost[0]["error"], rank=agent.rank, pid=agent.child.pid)
+            self.link.notify(Kind.FAILED, lost[0]["error"], rank=agent.rank, pid=agent.child.pid)
             restarts += 1
             if restarts > self.max_restarts:
                 log.error("rank %d died (code %d) and reached the restart limit %d; stopping this host's agents",
                           agent.rank, code, self.max_restarts)
                 self.stop_all()
-                notify_worker(self.address, Kind.FAILED, f"rank {agent.rank} exceeded {self.max_restarts} restarts")
+                self.link.notify(Kind.FAILED, f"rank {agent.rank} exceeded {self.max_restarts} restarts")
                 return
             delay = min(0.5 * 2 ** (restarts - 1), 5.0)
             log.warning("rank %d died (code %d); restarting it in %.1f s (%d/%d)", agent.rank, code, delay, restarts,
@@ -192,7 +166,12 @@ class AgentSupervisor:
         else:
             log.info("rank %d leaves the broken group; starting it again for the next generation", agent.rank)
         try:
-            self.config = fetch_config(self.address, self.config_timeout_s, lost)
+            self.config = self.link.fetch_config(self.config_timeout_s, lost, self.stopping.is_set)
+        except ServableStopped:
+            log.info("the servable was stopped while rank %d waited to re-join; stopping this host's agents",
+                     agent.rank)
+            self.stop_all()
+            return
         except RuntimeError as exc:
             log.error("%s; stopping this host's agents", exc)
             self.stop_all()
@@ -236,7 +215,8 @@ def startup_agents(distributed_address: str, model_files: Any, group_config_file
         if not group or not all(isinstance(f, str) and f for f in group):
             raise RuntimeError("The item of parameter 'model_files' should be str or a list of str")
     files = [[resolve_path(f) for f in group] for group in files]
-    config = fetch_config(distributed_address, config_timeout_s)
+    link = WorkerLink(distributed_address)
+    config = link.fetch_config(config_timeout_s)
     ranks = local_ranks([(ip, int(d)) for ip, d in config["ranks"]], rank_start,
                         len(files) if rank_start is not None else None)
     if len(files) != len(ranks):
@@ -247,11 +227,11 @@ def startup_agents(distributed_address: str, model_files: Any, group_config_file
                 raise RuntimeError(f"Cannot access model file '{f}'")
     log.info("starting agents for ranks %s of servable '%s' (%d ranks, %d stages)", ranks, config["servable"],
              config["rank_size"], config["stage_size"])
-    sup = AgentSupervisor(distributed_address, ranks, files, config, max_restarts, config_timeout_s)
+    sup = AgentSupervisor(link, ranks, files, config, max_restarts, config_timeout_s)
     if threading.current_thread() is threading.main_thread():
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("received %s, stopping agents", signal.Signals(signum).name)
-            threading.Thread(target=_stop_and_notify, args=(sup, distributed_address), daemon=False).start()
+            threading.Thread(target=_stop_and_notify, args=(sup,), daemon=False).start()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -259,6 +239,6 @@ def startup_agents(distributed_address: str, model_files: Any, group_config_file
     log.info("all %d local agents are ready", len(ranks))
 
 
-def _stop_and_notify(sup: AgentSupervisor, address: str) -> None:
+def _stop_and_notify(sup: AgentSupervisor) -> None:
     sup.stop_all()
-    notify_worker(address, Kind.EXIT, "the agent startup process was stopped")
+    sup.link.notify(Kind.EXIT, "the agent startup process was stopped")

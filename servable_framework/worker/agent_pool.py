@@ -85,6 +85,7 @@ class AgentPool:
         # every report that failed the first start, in arrival order; the cause (a FAILED) can arrive after the
         # EXIT of a healthy rank its startup process stopped because of it
         self.start_failures: list[str] = []
+        self.startups: set[bytes] = set()  # ZMQ identities of the Agent startup processes that asked for a config
         self._start_cause = asyncio.Event()
 
     async def start(self) -> None:
@@ -149,7 +150,8 @@ class AgentPool:
         if kind is Kind.CONFIG:
             for lost in header.get("lost", []):  # a startup process is about to restart these ranks
                 self._lost(lost.get("rank"), lost.get("pid"), str(lost.get("error", "")))
-            await self._send(identity, Kind.CONFIG, self._agent_config())
+            self.startups.add(identity)  # told when the servable stops for good, see close()
+            await self._send(identity, Kind.CONFIG, {**self._agent_config(), "req": header.get("req")})
         elif kind is Kind.REGISTER:
             await self._on_register(identity, header)
         elif kind is Kind.PING:
@@ -274,10 +276,11 @@ class AgentPool:
             self.pending.pop(batch_id, None)
 
     async def close(self) -> None:
-        """Tell every Agent the servable is going away for good."""
+        """Tell every Agent, and every Agent startup process, that the servable is going away for good: a
+        startup process whose Agents are between generations stops instead of waiting to re-join."""
         self.state = PoolState.STOPPED
-        for agent in self.agents.values():
-            await self._send(agent.identity, Kind.EXIT, {"final": True})
+        for identity in [a.identity for a in self.agents.values()] + list(self.startups):
+            await self._send(identity, Kind.EXIT, {"final": True})
         for task in self._tasks:
             task.cancel()
         self.sock.close(linger=500)

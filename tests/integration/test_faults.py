@@ -191,3 +191,18 @@ def test_agent_killed_during_a_stream_of_requests(cluster) -> None:
         assert "servable is not available" in e and ("rank" in e or "agents are not ready" in e), e
     assert max(d for d, _ in outcomes) < 10, "a request waited too long"
     stop_and_check(server, agents)
+
+
+@pytest.mark.parametrize("when", ["at_once", "after_detection"])
+def test_main_stopped_while_agents_rejoin(cluster, when) -> None:
+    """Main stopped while the Agents are between generations (one was killed, the survivor was told to re-join,
+    its startup process waits for a config): the Worker's final EXIT reaches the startup process itself, so it
+    stops at once instead of waiting out the 60 s config timeout for a Worker that is gone for good."""
+    server, agents, rest = cluster
+    os.kill(agent_pids(agents)[1], signal.SIGKILL)
+    if when == "after_detection":  # the Worker retired the group: no Agent is registered when it closes
+        wait_error(rest, "rank 1")
+    server.signal(signal.SIGTERM)
+    assert server.wait(30) == 0
+    agents.wait(30)  # without the final EXIT to the startup process: 60 s and more
+    assert_all_gone()
