@@ -341,7 +341,7 @@ class Qwen25VLShard(ModelShard):
             sync_len = run.size  # rows taking part in this step (running + just joined)
             sync = torch.empty(2 * sync_len + 2, dtype=torch.int64, device=self.device)
             if sampler is not None:
-                step = sampler.step(torch.cat(parts).float())
+                step = sampler.step(torch.cat(parts).float(), self._cancelled_rows(run, sampler))
                 for b in sampler.finished_now:  # its answer is complete: return it now, not with the batch
                     key, index = run.owner_of_row_id[b]
                     self._emit(key, index, sampler.tokens[b])
@@ -369,6 +369,17 @@ class Qwen25VLShard(ModelShard):
                 break
         own_result = self.last_results.get(own)
         return own_result if ctx.is_output_rank else None
+
+    def _cancelled_rows(self, run: _Rows, sampler: BatchSampler) -> set[int]:
+        """Output rank: the sampler ids of running rows whose caller gave up; they finish at this step (the
+        finished flags every rank receives drop them everywhere)."""
+        gone = self.link.cancelled() if self.link is not None else set()
+        if not gone:
+            return set()
+        rows = {b for b in sampler.active if run.owner_of_row_id[b] in gone}
+        for b in rows:
+            self.link.stopped(*run.owner_of_row_id[b])
+        return rows
 
     def _emit(self, key: int, index: int, tokens: list[int]) -> None:
         if self.link is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -298,14 +299,19 @@ class BatchSampler:
         self.active.extend(ids)
         return ids
 
-    def step(self, logits: torch.Tensor) -> torch.Tensor:
+    def step(self, logits: torch.Tensor, stop: Collection[int] = ()) -> torch.Tensor:
         """Choose one token per active row (``logits`` [len(active), vocab]); return ``tokens (n) + finished (n)
-        + [all_done]`` (int64, CPU), n = rows before this step."""
+        + [all_done]`` (int64, CPU), n = rows before this step. Rows in ``stop`` (cancelled: nobody waits for
+        them) finish now without a token, with reason "cancelled", and are not in ``finished_now``."""
         logits = logits.cpu()
         n = len(self.active)
         out = [self.pad_id] * n + [0] * n + [0]
         self.finished_now = []
         for row, b in enumerate(self.active):
+            if b in stop:
+                self.reasons[b] = "cancelled"
+                out[n + row] = 1
+                continue
             max_new, temperature, top_p, top_k, _seed = self.options[b]
             if self.collect_logits:
                 self.logits[b].append(logits[row].numpy().copy())
@@ -326,7 +332,8 @@ class BatchSampler:
 
     def result(self, rows: list[int]) -> GenerationResult:
         """The result of the given rows (one batch), in that order."""
-        logits = [np.stack(self.logits[b]) for b in rows] if self.collect_logits else []
+        logits = [np.stack(self.logits[b]) if self.logits[b] else np.empty((0, 0), np.float32) for b in rows] \
+            if self.collect_logits else []
         return GenerationResult([self.tokens[b] for b in rows], [self.reasons[b] for b in rows], logits)
 
 

@@ -51,6 +51,7 @@ class Kind(bytes, enum.Enum):
     # data plane
     PREDICT = b"P"  # a request (or a batch) to run
     RESULT = b"r"  # its answer
+    CANCEL = b"K"  # main -> worker -> output rank: the caller gave up on this request (rows of this batch)
 
 
 def encode_value(value: Value, buffers: list[Frame]) -> dict[str, Any]:

@@ -123,6 +123,17 @@ class _Link:
             return 0
         return self.agent.inbox.fitting(self.max_rows - active_rows)
 
+    def cancelled(self) -> set[tuple[Any, int]]:
+        out: set[tuple[Any, int]] = set()
+        for batch_id in [self.batch_id, *self.open]:
+            out.update((batch_id, i) for i in set(self.agent.cancelled.get(batch_id, ())))
+        return out
+
+    def stopped(self, batch_id: Any, index: int) -> None:
+        self.agent.stopped[batch_id] = self.agent.stopped.get(batch_id, 0) + 1
+        log.info("rank %d: instance %d of batch %s stopped early: its caller gave up", self.agent.rank, index,
+                 batch_id)
+
     def join(self, k: int) -> list[WaitingBatch]:
         if k <= 0:
             return []
@@ -167,6 +178,10 @@ class Agent:
         self.sock.connect(transport.zmq_endpoint(payload["distributed_address"], "distributed"))
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.inbox = Inbox()
+        # batch id -> instances Main gave up on (output rank only; set on the loop, read by the compute thread)
+        self.cancelled: dict[Any, set[int]] = {}
+        self.stopped: dict[Any, int] = {}  # batch id -> instances the shard stopped early because of it
+        self.live: set[Any] = set()  # batches that reached this rank and are not answered yet
         self.shard: ModelShard | None = None
         self.last_ping = time.monotonic()
         self.exit_code: int | None = None
@@ -220,15 +235,24 @@ class Agent:
                 await transport.send(self.sock, Kind.PONG, {"rank": self.rank})
             elif kind is Kind.PREDICT:
                 transport.spawn(self._predict(header, buffers, frames))
+            elif kind is Kind.CANCEL:
+                # a task, like PREDICT: it then runs after the batch it names was queued (tasks start in order)
+                transport.spawn(self._cancel(header))
             elif kind is Kind.EXIT:
                 final = bool(header.get("final", True))
                 log.info("rank %d told to exit (%s)%s", self.rank, "servable stopped" if final else "re-join",
                          f": {header['error']}" if header.get("error") else "")
                 self.finish(0 if final else EXIT_REJOIN)
 
+    async def _cancel(self, header: dict[str, Any]) -> None:
+        batch_id, rows = header.get("id"), header.get("rows")
+        if batch_id in self.live and isinstance(rows, list):
+            self.cancelled.setdefault(batch_id, set()).update(r for r in rows if isinstance(r, int))
+
     async def _predict(self, header: dict[str, Any], buffers: Any, frames: Any) -> None:
         loop = asyncio.get_running_loop()
         batch_id = header.get("id")
+        self.live.add(batch_id)
         raw = header.get("instances")
         count = len(raw) if isinstance(raw, list) else int(header.get("count", 0))
         try:
@@ -255,6 +279,11 @@ class Agent:
     async def _reply(self, batch_id: Any, outputs: list[Any] | None, error: Exception | None,
                      joined: bool = False) -> None:
         reply: dict[str, Any] = {"id": batch_id, "rank": self.rank}
+        self.live.discard(batch_id)
+        self.cancelled.pop(batch_id, None)
+        stopped = self.stopped.pop(batch_id, 0)
+        if stopped:
+            reply["cancelled"] = stopped
         if joined:
             reply["joined"] = True
         buffers: list[Any] = []

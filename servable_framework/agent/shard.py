@@ -116,6 +116,14 @@ class BatchLink(Protocol):
         """Every rank, with the same ``k``: take the next ``k`` waiting batches (waits, bounded, for any that
         has not reached this rank yet)."""
 
+    def cancelled(self) -> set[tuple[int, int]]:
+        """Output rank: (batch id, index) of the running instances whose caller gave up (timed out). A shard
+        that works step by step finishes them at its next step and reports each with `stopped`; others may
+        ignore it. Never blocks."""
+
+    def stopped(self, batch_id: int, index: int) -> None:
+        """Output rank: instance ``index`` of ``batch_id`` was finished early because it was cancelled."""
+
 
 class ModelShard:
     """Base class of shard implementations. Subclasses load their slice in ``__init__``."""

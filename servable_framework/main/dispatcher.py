@@ -103,6 +103,12 @@ class Dispatcher:
             await self.workers.send(handle, Kind.PREDICT, header, buffers)
             reply, out_buffers, _frames = await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:
+            # the Worker stops what it can of the abandoned request: queued instances never run, generating
+            # rows stop at the next step (best effort: a Worker that is gone needs no telling)
+            try:
+                await self.workers.send(handle, Kind.CANCEL, {"id": request_id})
+            except Exception:
+                pass
             raise RequestTimeout(f"Request timed out after {timeout_s:g} s") from None
         finally:
             handle.inflight.pop(request_id, None)

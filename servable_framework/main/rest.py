@@ -126,17 +126,21 @@ def _prometheus(dispatcher: Dispatcher) -> str:
            [({}, dispatcher.stats["rejected"])])
     metric("servable_requests_inflight", "gauge", "Requests admitted and not yet answered.",
            [({}, dispatcher.inflight)])
-    batches, instances, joined = [], [], []
+    batches, instances, joined, cancelled = [], [], [], []
     for h in dispatcher.workers.workers.values():
         for model, (b, i, *rest) in h.batch_stats.items():
             labels = {"servable": h.servable, "model": model, "worker": h.worker_id}
             batches.append((labels, b))
             instances.append((labels, i))
             joined.append((labels, rest[0] if rest else 0))
+            cancelled.append(({**labels, "when": "queued"}, rest[2] if len(rest) > 2 else 0))
+            cancelled.append(({**labels, "when": "running"}, rest[1] if len(rest) > 1 else 0))
     metric("servable_model_batches_total", "counter", "Model calls (batches) run by Workers.", batches)
     metric("servable_model_instances_total", "counter", "Instances run in those model calls.", instances)
     metric("servable_model_batches_joined_total", "counter",
            "Batches the Agents took into an already running batch (continuous batching).", joined)
+    metric("servable_model_instances_cancelled_total", "counter",
+           "Instances of timed-out requests: dropped from the queue, or stopped early while generating.", cancelled)
     ready = [({"servable": name}, 1.0 if s["ready"] else 0.0) for name, s in dispatcher.ready().items()]
     metric("servable_ready", "gauge", "1 when the servable has a READY Worker.", ready)
     return "\n".join(lines) + "\n"

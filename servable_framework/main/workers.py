@@ -50,7 +50,7 @@ class WorkerHandle:
     started: asyncio.Future[None] | None = None
     restarts: int = 0
     request_timeout_s: float | None = None  # the servable's own default, from its REGISTER
-    batch_stats: dict[str, list[int]] = field(default_factory=dict)  # model -> [batches, instances], from PONGs
+    batch_stats: dict[str, list[int]] = field(default_factory=dict)  # model -> [batches, instances, joined, ...]
 
     @property
     def servable(self) -> str:

@@ -41,6 +41,11 @@ class DistributedSpec:
     def tp_size(self) -> int:
         return self.rank_size // self.stage_size
 
+    @property
+    def output_rank(self) -> int:
+        """The rank that answers: the first TP rank of the last stage."""
+        return self.rank_size - self.tp_size
+
 
 @dataclass
 class ModelSpec:

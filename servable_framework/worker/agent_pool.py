@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import zmq
@@ -34,6 +35,7 @@ from servable_framework.errors import ServingError, StartupError, Unavailable
 from servable_framework.rank_table import RankInfo, check_against_declaration, parse_rank_table
 from servable_framework.servable.spec import ModelSpec, ServableSpec
 from servable_framework.wire import Kind, Value, decode_value, encode_value, unpack
+from servable_framework.worker.cancel import CancelToken
 
 log = logging.getLogger("servable_framework.agents")
 
@@ -82,6 +84,7 @@ class AgentPool:
         self._config_ok = False
         self.failure = ""
         self.joined_batches = 0
+        self.cancelled_instances = 0
         # every report that failed the first start, in arrival order; the cause (a FAILED) can arrive after the
         # EXIT of a healthy rank its startup process stopped because of it
         self.start_failures: list[str] = []
@@ -249,10 +252,12 @@ class AgentPool:
 
     # -- data plane -----------------------------------------------------------------------------------------
     async def predict(self, instances: list[list[Value]],
-                      on_result: Callable[[int, list[Value]], None] | None = None
-                      ) -> list[list[Value] | ServingError]:
+                      on_result: Callable[[int, list[Value]], None] | None = None,
+                      cancels: list[CancelToken | None] | None = None) -> list[list[Value] | ServingError]:
         """Run one batch on every rank. ``on_result(i, outputs)`` is called as soon as the output rank
-        reports instance i complete (before the whole batch is), when the shard emits early results."""
+        reports instance i complete (before the whole batch is), when the shard emits early results.
+        Cancelling ``cancels[i]`` tells the output rank to stop instance i (a shard that decodes step by step
+        finishes it at the next step; its output is then partial and nobody reads it)."""
         if self.state is not PoolState.READY:
             raise Unavailable(f"servable is not available: {self.failure or 'agents are not ready'}")
         batch_id = next(self._ids)
@@ -268,12 +273,23 @@ class AgentPool:
                     await self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "instances": encoded}, buffers)
                 else:
                     await self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "count": len(instances)})
+            loop = asyncio.get_running_loop()
+            for index, token in enumerate(cancels or []):
+                if token is not None:
+                    token.on_cancel(partial(loop.call_soon_threadsafe, self._cancel_row, batch_id, index))
             try:
                 return await batch.future
             finally:
                 self.joined_batches += batch.joined
+                self.cancelled_instances += batch.cancelled
         finally:
             self.pending.pop(batch_id, None)
+
+    def _cancel_row(self, batch_id: int, index: int) -> None:
+        if batch_id in self.pending:  # still running: only the output rank decides when rows finish
+            output = self.agents.get(self.dist.output_rank)
+            if output is not None:
+                transport.spawn(self._send(output.identity, Kind.CANCEL, {"id": batch_id, "rows": [index]}))
 
     async def close(self) -> None:
         """Tell every Agent, and every Agent startup process, that the servable is going away for good: a
@@ -297,6 +313,7 @@ class _Batch:
         self.outputs: list[list[Value] | ServingError] | None = None
         self.error: ServingError | None = None
         self.joined = False  # the Agents ran it inside an earlier batch (continuous batching)
+        self.cancelled = 0  # instances the output rank stopped early because their caller gave up
         self.future: asyncio.Future[list[list[Value] | ServingError]] = asyncio.get_running_loop().create_future()
 
     def on_reply(self, header: dict[str, Any], buffers: Any) -> None:
@@ -311,6 +328,8 @@ class _Batch:
         rank = header.get("rank")
         self.waiting.discard(rank)  # type: ignore[arg-type]
         self.joined = self.joined or bool(header.get("joined"))
+        if isinstance(header.get("cancelled"), int):
+            self.cancelled += header["cancelled"]
         if "error" in header and self.error is None:
             self.error = ServingError.from_wire(header["error"])
             self.error.message = f"Error happened on get result of rank {rank}: {self.error.message}"
@@ -345,14 +364,18 @@ class DistributedBackend:
     def joined(self) -> int:
         return self.pool.joined_batches
 
+    @property
+    def cancelled(self) -> int:
+        return self.pool.cancelled_instances
+
     def check_instance(self, values: list[Value]) -> list[Value]:
         return values
 
     def run(self, instances: list[list[Value]]) -> list[list[Value] | ServingError]:
-        return self.run_streaming(instances, None)
+        return self.run_streaming(instances, None, [])
 
-    def run_streaming(self, instances: list[list[Value]],
-                      on_result: Callable[[int, list[Value]], None] | None) -> list[list[Value] | ServingError]:
+    def run_streaming(self, instances: list[list[Value]], on_result: Callable[[int, list[Value]], None] | None,
+                      cancels: list[CancelToken | None]) -> list[list[Value] | ServingError]:
         fut: Future[list[list[Value] | ServingError]] = asyncio.run_coroutine_threadsafe(
-            self.pool.predict(instances, on_result), self.loop)
+            self.pool.predict(instances, on_result, cancels), self.loop)
         return fut.result()

@@ -12,16 +12,19 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from functools import partial
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from servable_framework.errors import ServingError
 from servable_framework.wire import Value
+from servable_framework.worker.cancel import CancelToken
 
 log = logging.getLogger(__name__)
 
 Outputs = list[Value]
+_Item = tuple[list[Value], "Future[Outputs]", "CancelToken | None"]
 
 
 class Backend(Protocol):
@@ -32,6 +35,14 @@ class Backend(Protocol):
     def run(self, instances: list[list[Value]]) -> list[Outputs | ServingError]: ...
 
 
+@runtime_checkable
+class StreamingBackend(Backend, Protocol):
+    """A backend that answers instances as they finish and can stop a running one (distributed models)."""
+
+    def run_streaming(self, instances: list[list[Value]], on_result: Callable[[int, Outputs | ServingError], None],
+                      cancels: list[CancelToken | None]) -> list[Outputs | ServingError]: ...
+
+
 class ModelBatcher:
     """Owns the queue and the runner threads of one model. Thread-safe ``submit``."""
 
@@ -39,17 +50,20 @@ class ModelBatcher:
         self.backend = backend
         self.name = name
         self.delay_s = max_batch_delay_ms / 1000.0
-        self._queue: queue.Queue[tuple[list[Value], Future[Outputs]] | None] = queue.Queue()
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._lock = threading.Lock()  # one thread gathers at a time, so batches are formed in FIFO order
         self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
                          for i in range(concurrency)]
         self.batches_run = 0
         self.instances_run = 0
+        self.instances_dropped = 0  # cancelled while queued: never run
         for t in self._threads:
             t.start()
 
-    def submit(self, instances: list[list[Value]]) -> list[Future[Outputs]]:
-        """Queue instances (validated first: a bad one fails alone); returns one future per instance."""
+    def submit(self, instances: list[list[Value]], cancel: CancelToken | None = None) -> list[Future[Outputs]]:
+        """Queue instances (validated first: a bad one fails alone); returns one future per instance.
+        Cancelling ``cancel`` cancels the futures of instances still queued (they never run) and is passed on
+        to a streaming backend for those already running."""
         futures: list[Future[Outputs]] = []
         for values in instances:
             fut: Future[Outputs] = Future()
@@ -58,7 +72,9 @@ class ModelBatcher:
             except ServingError as exc:
                 fut.set_exception(exc)
             else:
-                self._queue.put((checked, fut))
+                self._queue.put((checked, fut, cancel))
+                if cancel is not None:
+                    cancel.on_cancel(fut.cancel)  # a no-op once the batch runs it
             futures.append(fut)
         return futures
 
@@ -66,7 +82,7 @@ class ModelBatcher:
         for _ in self._threads:
             self._queue.put(None)
 
-    def _gather(self) -> list[tuple[list[Value], Future[Outputs]]] | None:
+    def _gather(self) -> list[_Item] | None:
         with self._lock:
             first = self._queue.get()
             if first is None:
@@ -87,23 +103,25 @@ class ModelBatcher:
 
     def _loop(self) -> None:
         while (batch := self._gather()) is not None:
-            live = [(v, f) for v, f in batch if f.set_running_or_notify_cancel()]
+            live = [item for item in batch if item[1].set_running_or_notify_cancel()]
+            self.instances_dropped += len(batch) - len(live)
             if not live:
                 continue
             self.batches_run += 1  # counted before any answer leaves, so a client never sees a stale count
             self.instances_run += len(live)
-            streaming = getattr(self.backend, "run_streaming", None)
+            values = [v for v, _, _ in live]
             try:
-                if streaming is not None:  # instances that finish early are answered early
-                    results = streaming([v for v, _ in live], partial(_resolve_nth, [f for _, f in live]))
+                if isinstance(self.backend, StreamingBackend):  # instances that finish early are answered early
+                    results = self.backend.run_streaming(values, partial(_resolve_nth, [f for _, f, _ in live]),
+                                                         [c for _, _, c in live])
                 else:
-                    results = self.backend.run([v for v, _ in live])
+                    results = self.backend.run(values)
             except ServingError as exc:
                 results = [exc] * len(live)
             except Exception as exc:  # a model failure fails its batch, never the thread
                 log.exception("model %s failed on a batch of %d", self.name, len(live))
                 results = [ServingError(f"{type(exc).__name__}: {exc}")] * len(live)
-            for (_, fut), res in zip(live, results):
+            for (_, fut, _), res in zip(live, results):
                 _resolve(fut, res)
 
 

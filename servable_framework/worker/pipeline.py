@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any
 
-from servable_framework.errors import InvalidInput, NotFound, ServingError
+from servable_framework.errors import InvalidInput, NotFound, RequestTimeout, ServingError
 from servable_framework.servable.spec import MethodSpec, ServableSpec, StageSpec
 from servable_framework.wire import Instance, Value
 from servable_framework.worker.batcher import ModelBatcher
+from servable_framework.worker.cancel import CancelToken
 from servable_framework.worker.values import StageOutputError, split_outputs, to_stage_input
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ class MethodRunner:
             raise NotFound(f"Request servable({self.spec.name}) method({name}), method is not available")
         return method
 
-    def run(self, method_name: str, instances: list[Instance]) -> list[Result]:
+    def run(self, method_name: str, instances: list[Instance], cancel: CancelToken | None = None) -> list[Result]:
+        """One result per instance. Once ``cancel`` is cancelled no further stage starts and the instances
+        still running end with `RequestTimeout` (nobody waits for them any more)."""
         method = self.method(method_name)
         if not instances:
             raise InvalidInput("Instances count of request cannot be 0")
@@ -62,8 +65,12 @@ class MethodRunner:
             live = [s for s in slots if s.error is None]
             if not live:
                 break
+            if cancel is not None and cancel.cancelled:
+                for slot in live:
+                    slot.error = RequestTimeout("the request was cancelled: its caller timed out")
+                break
             if stage.model is not None:
-                self._run_model(k, stage, live)
+                self._run_model(k, stage, live, cancel)
             elif stage.batch_size is None:
                 for slot in live:
                     self._run_function(method, k, stage, slot)
@@ -121,14 +128,18 @@ class MethodRunner:
             return 1
         return min(sizes) if all(ref.stage == 0 for ref in stage.inputs) else max(sizes)
 
-    def _run_model(self, k: int, stage: StageSpec, live: list[_Slot]) -> None:
+    def _run_model(self, k: int, stage: StageSpec, live: list[_Slot], cancel: CancelToken | None) -> None:
         assert stage.model is not None
-        futures: list[Future[list[Value]]] = self.batchers[stage.model.key].submit([s.args(stage) for s in live])
+        futures: list[Future[list[Value]]] = self.batchers[stage.model.key].submit([s.args(stage) for s in live],
+                                                                                  cancel)
         for slot, fut in zip(live, futures):
             try:
                 outputs = fut.result()
             except ServingError as exc:
                 slot.error = exc
+                continue
+            except CancelledError:
+                slot.error = RequestTimeout("the request was cancelled: its caller timed out")
                 continue
             if len(outputs) != stage.outputs_count:
                 slot.error = ServingError(f"The outputs count {stage.outputs_count} in register_method not equal to "

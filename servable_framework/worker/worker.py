@@ -26,6 +26,7 @@ from servable_framework.logs import setup_logging
 from servable_framework.servable.loader import LoadedServable, load_servable, resolve_version
 from servable_framework.wire import Kind, Value, decode_instances, encode_instances, unpack
 from servable_framework.worker.batcher import ModelBatcher
+from servable_framework.worker.cancel import CancelToken
 from servable_framework.worker.pipeline import MethodRunner
 from servable_framework.worker.values import from_stage_output
 
@@ -45,6 +46,7 @@ class Worker:
         self.runner: MethodRunner | None = None
         self.agents: Any = None  # AgentPool for distributed servables
         self.batchers: dict[str, ModelBatcher] = {}
+        self.cancels: dict[Any, CancelToken] = {}  # request id -> its token, while the request runs
         self.last_ping = time.monotonic()
         self.stopping = asyncio.Event()
         self.register_header: dict[str, Any] = {}
@@ -138,17 +140,23 @@ class Worker:
                                                             "batches": self._batch_stats()})
             elif kind is Kind.PREDICT:
                 transport.spawn(self._predict(header, buffers, frames))
+            elif kind is Kind.CANCEL:
+                token = self.cancels.get(header.get("id"))
+                if token is not None:
+                    log.info("request %s cancelled by Main (timed out)", header.get("id"))
+                    token.cancel()
             elif kind is Kind.EXIT:
                 log.info("Main asked this worker to exit")
                 self.stopping.set()
 
     async def _predict(self, header: dict[str, Any], buffers: Any, frames: Any) -> None:
         request_id = header.get("id")
+        token = self.cancels[request_id] = CancelToken()
         try:
             instances = decode_instances(header.get("instances"), buffers)
             assert self.runner is not None
             results = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self.runner.run, str(header.get("method")), instances)
+                self.pool, self.runner.run, str(header.get("method")), instances, token)
         except ServingError as exc:
             await transport.send(self.sock, Kind.RESULT, {"id": request_id, "error": exc.to_wire()})
             return
@@ -157,6 +165,8 @@ class Worker:
             await transport.send(self.sock, Kind.RESULT, {"id": request_id,
                                                           "error": ServingError(f"System error: {exc}").to_wire()})
             return
+        finally:
+            self.cancels.pop(request_id, None)
         out_buffers: list[Any] = []
         encoded = []
         for res in results:
@@ -172,7 +182,8 @@ class Worker:
                                                       "batches": self._batch_stats()}, out_buffers)
 
     def _batch_stats(self) -> dict[str, list[int]]:
-        return {k: [b.batches_run, b.instances_run, getattr(b.backend, "joined", 0)] for k, b in self.batchers.items()}
+        return {k: [b.batches_run, b.instances_run, getattr(b.backend, "joined", 0), getattr(b.backend, "cancelled", 0),
+                    b.instances_dropped] for k, b in self.batchers.items()}
 
     async def _watch_main(self) -> None:
         """Main pings every interval; silence beyond the timeout means Main is wedged or gone."""

@@ -47,9 +47,11 @@ import torch.distributed as dist  # noqa: E402
 class ScriptedLink:
     """A `BatchLink` that offers scripted batches at given steps (the same script on every rank)."""
 
-    def __init__(self, joins: list[dict], make_instances, stage0: bool) -> None:
+    def __init__(self, joins: list[dict], make_instances, stage0: bool, cancels: list[dict]) -> None:
         from servable_framework.agent.shard import WaitingBatch
 
+        self.cancels = cancels  # [{"at": step, "batch": id, "index": i}]: the caller of that instance gave up
+        self.stops: list[list[int]] = []
         self.batch_id = 1
         self.asked = 0
         self.waiting = [(j["at"], WaitingBatch(2 + n, make_instances(j["instances"]) if stage0 else None,
@@ -74,6 +76,12 @@ class ScriptedLink:
     def join(self, k: int):
         taken, self.waiting = self.waiting[:k], self.waiting[k:]
         return [w for _, w in taken]
+
+    def cancelled(self) -> set[tuple[int, int]]:  # called before the step, `joinable` after it
+        return {(c["batch"], c["index"]) for c in self.cancels if c["at"] <= self.asked}
+
+    def stopped(self, batch_id: int, index: int) -> None:
+        self.stops.append([batch_id, index])
 
 
 def run_layout(rank: int, layout: dict, plan: dict, out_dir: Path) -> None:
@@ -114,7 +122,8 @@ def run_layout(rank: int, layout: dict, plan: dict, out_dir: Path) -> None:
                     for inst in spec]
 
         instances = make_instances(scenario["instances"]) if ctx.is_first_stage else None
-        link = ScriptedLink(scenario["joins"], make_instances, ctx.is_first_stage) if "joins" in scenario else None
+        link = ScriptedLink(scenario["joins"], make_instances, ctx.is_first_stage, scenario.get("cancels", [])) \
+            if "joins" in scenario else None
         shard.link = link
         try:
             if scenario.get("api") == "predict":
@@ -133,7 +142,8 @@ def run_layout(rank: int, layout: dict, plan: dict, out_dir: Path) -> None:
                         results[f"{name}/{i}/reason"] = np.array(res.finish_reasons[i])
                 if link is not None:
                     report.setdefault("joined", {})[name] = {
-                        "completed": sorted(link.completed), "failed": link.failed, "left": len(link.waiting)}
+                        "completed": sorted(link.completed), "failed": link.failed, "left": len(link.waiting),
+                        "stopped": link.stops}
                     for key, joined in shard.last_results.items() if res is not None else ():
                         for i, tokens in enumerate(joined.tokens):
                             results[f"{name}/b{key}/{i}/tokens"] = np.asarray(tokens, dtype=np.int64)

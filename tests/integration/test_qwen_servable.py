@@ -277,3 +277,28 @@ def test_request_arriving_mid_decode_joins_the_running_batch(qwen, reference) ->
         assert answer == reference(prompt, None, 3)
     assert sum(early for _, _, early in shorts) >= 2, f"short requests waited for the long one: {shorts}"
     wait_until(lambda: joined_batches(rest) > joined0, 10, "the Agents to report a joined batch")
+
+
+def cancelled_instances(rest: Rest, when: str) -> int:
+    text = rest.get("/metrics").text
+    return sum(int(float(v)) for v in re.findall(
+        r'^servable_model_instances_cancelled_total\{[^}]*servable="qwen"[^}]*when="' + when + r'"[^}]*\} (\S+)',
+        text, re.M))
+
+
+def test_timed_out_generation_is_stopped_on_the_agents(qwen, reference) -> None:
+    """A request whose timeout passes gets 504 at once, and the Agents stop generating it at the next step
+    (the output rank reports the stop) instead of running all its tokens for nobody."""
+    from tests.support.procs import wait_until
+
+    _, _, rest, _ = qwen
+    wait_until(lambda: "servable_model_instances_cancelled_total{" in rest.get("/metrics").text, 10, "metrics")
+    stopped0 = cancelled_instances(rest, "running")
+    # 512 tokens take seconds here; 1.5 s is well past the prefill and well before the end
+    r = rest.post("/model/qwen:predict", {"instances": [{"prompt": "Tell me a long story.", "max_new_tokens": 512}]},
+                  headers={"X-Request-Timeout-S": "1.5"})
+    assert r.status_code == 504 and "timed out" in r.json()["error_msg"], r.text
+    # without the stop the 400 tokens run to the end and the counter never moves
+    wait_until(lambda: cancelled_instances(rest, "running") == stopped0 + 1, 30, "the output rank to stop the row")
+    r = predict(rest, [{"prompt": "Hello, world!", "max_new_tokens": 5}])  # the ranks are still in step
+    assert r.status_code == 200 and r.json()["instances"][0]["text"] == reference("Hello, world!", None, 5)

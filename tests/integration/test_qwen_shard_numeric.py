@@ -329,6 +329,10 @@ def make_spec(work: Path, prompts: dict, eos_token: int) -> dict:
         # a batch offered at the step the running one finishes carries the loop on alone
         {"name": "join_after_done", "instances": [inst("txt", greedy(2))], "joins": [
             {"at": 1, "instances": [inst("img", greedy(4))]}]},
+        # timed-out requests: the output rank stops their rows mid-batch, the others go on unharmed
+        {"name": "cancel", "instances": [inst("img", greedy(MAX_NEW)), inst("txt", greedy(MAX_NEW))],
+         "joins": [{"at": 1, "instances": [inst("img2", greedy(8))]}],
+         "cancels": [{"at": 3, "batch": 1, "index": 0}, {"at": 5, "batch": 2, "index": 0}]},
     ]}
 
 
@@ -470,7 +474,21 @@ def test_joined_batches_match_unsharded_hf(layout, layout_runs, reference) -> No
     assert "instance 1: image_grid_thw describes 24 patches but pixel_values has 20" in str(res["join/b5/error"])
     check("join_after_done/0", "txt", 2)
     check("join_after_done/b2/0", "img", 4)
+    # cancelled rows stop where they were (a prefix of the reference, logits included); the rest is unharmed
+    cancelled = {"cancel/0": ("img", MAX_NEW, 3), "cancel/b2/0": ("img2", 8, None)}
+    for key, (prompt, max_new, expect_len) in cancelled.items():
+        ref_tokens, ref_logits = reference(prompt, max_new)
+        tokens, logits = res[f"{key}/tokens"].tolist(), res[f"{key}/logits"]
+        assert 0 < len(tokens) < max_new and tokens == ref_tokens[:len(tokens)], (layout, key, tokens, ref_tokens)
+        assert expect_len is None or len(tokens) == expect_len, (layout, key, tokens)
+        assert float(np.abs(logits - ref_logits[:len(tokens)]).max()) < ATOL, (layout, key)
+    assert str(res["cancel/0/reason"]) == "cancelled"
+    check("cancel/1", "txt", MAX_NEW)
     for rep in reports:  # every rank took in, completed and failed the same batches, and none is left
         assert rep["joined"]["join"]["completed"] == [1, 3, 4, 6], rep
         assert sorted(rep["joined"]["join"]["failed"]) == ["2", "5"] and rep["joined"]["join"]["left"] == 0, rep
         assert rep["joined"]["join_after_done"]["completed"] == [1, 2], rep
+        assert rep["joined"]["cancel"]["completed"] == [1, 2] and rep["joined"]["cancel"]["left"] == 0, rep
+    # only the output rank decides to stop a row (the finished flags it broadcasts drop it everywhere)
+    stops = sorted((rep["joined"]["cancel"]["stopped"] for rep in reports), key=len)
+    assert stops == [[]] * (len(reports) - 1) + [[[1, 0], [2, 0]]], stops
