@@ -62,6 +62,12 @@ class RequestTimeout(ServingError):
     http_status = 504
 
 
+class ClientClosedRequest(ServingError):
+    """The REST client hung up before the answer (nginx's 499; nobody receives this response)."""
+
+    http_status = 499
+
+
 class StartupError(ServingError):
     """A servable, worker or agent failed to start (raised by the ``start_*`` calls)."""
 

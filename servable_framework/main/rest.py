@@ -8,21 +8,32 @@ place, `_error_response`; per-instance errors keep HTTP 200, as the other instan
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from servable_framework.errors import InvalidInput, MethodNotAllowed, Overloaded, PayloadTooLarge, ServingError
+from servable_framework.errors import (
+    ClientClosedRequest,
+    InvalidInput,
+    MethodNotAllowed,
+    Overloaded,
+    PayloadTooLarge,
+    ServingError,
+)
 from servable_framework.main.dispatcher import Dispatcher
 from servable_framework.main.rest_codec import encode_error, encode_results, parse_body, parse_url
 
 log = logging.getLogger("servable_framework.rest")
 
 TIMEOUT_HEADER = "x-request-timeout-s"
+T = TypeVar("T")
 
 
 def _error_response(exc: ServingError) -> Response:
@@ -39,7 +50,8 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
             body = await _read_limited(request, max_msg_bytes)
             instances = parse_body(body)
             timeout = _timeout(request)
-            results = await dispatcher.predict(target.servable, target.method, target.version, instances, timeout)
+            results = await _unless_client_leaves(
+                request, dispatcher.predict(target.servable, target.method, target.version, instances, timeout))
         except ServingError as exc:
             return _error_response(exc)
         except Exception as exc:  # a bug: log it, answer 500 in the contract's shape, keep serving
@@ -78,6 +90,30 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
         return JSONResponse({"error_msg": text}, status_code=status)
 
     return Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
+
+
+async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``; if the client hangs up first, cancel it (the dispatcher then cancels the request in the
+    Worker and on the Agents: a generation nobody will read stops) and raise `ClientClosedRequest`."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("client of %s went away: request cancelled", request.url.path)
+        raise ClientClosedRequest("the client closed the connection before the answer")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the ASGI server reports the client gone (the body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:

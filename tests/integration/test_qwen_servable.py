@@ -286,19 +286,27 @@ def cancelled_instances(rest: Rest, when: str) -> int:
         text, re.M))
 
 
-def test_timed_out_generation_is_stopped_on_the_agents(qwen, reference) -> None:
-    """A request whose timeout passes gets 504 at once, and the Agents stop generating it at the next step
-    (the output rank reports the stop) instead of running all its tokens for nobody."""
+@pytest.mark.parametrize("how", ["deadline", "client_hangs_up"])
+def test_abandoned_generation_is_stopped_on_the_agents(qwen, reference, how) -> None:
+    """A request whose deadline passes (504 at once), or whose REST client hangs up, is cancelled: the Agents
+    stop generating it at the next step (the output rank reports the stop) instead of running all its tokens
+    for nobody."""
+    import httpx
+
     from tests.support.procs import wait_until
 
     _, _, rest, _ = qwen
     wait_until(lambda: "servable_model_instances_cancelled_total{" in rest.get("/metrics").text, 10, "metrics")
     stopped0 = cancelled_instances(rest, "running")
     # 512 tokens take seconds here; 1.5 s is well past the prefill and well before the end
-    r = rest.post("/model/qwen:predict", {"instances": [{"prompt": "Tell me a long story.", "max_new_tokens": 512}]},
-                  headers={"X-Request-Timeout-S": "1.5"})
-    assert r.status_code == 504 and "timed out" in r.json()["error_msg"], r.text
-    # without the stop the 400 tokens run to the end and the counter never moves
+    body = {"instances": [{"prompt": "Tell me a long story.", "max_new_tokens": 512}]}
+    if how == "deadline":
+        r = rest.post("/model/qwen:predict", body, headers={"X-Request-Timeout-S": "1.5"})
+        assert r.status_code == 504 and "timed out" in r.json()["error_msg"], r.text
+    else:
+        with httpx.Client(base_url=rest.base, timeout=1.5) as impatient, pytest.raises(httpx.ReadTimeout):
+            impatient.post("/model/qwen:predict", json=body)  # gives up and closes the connection
+    # without the stop the 512 tokens run to the end and the counter never moves
     wait_until(lambda: cancelled_instances(rest, "running") == stopped0 + 1, 30, "the output rank to stop the row")
     r = predict(rest, [{"prompt": "Hello, world!", "max_new_tokens": 5}])  # the ranks are still in step
     assert r.status_code == 200 and r.json()["instances"][0]["text"] == reference("Hello, world!", None, 5)
