@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,9 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from servable_framework import testing
+from servable_framework.testing import free_port  # noqa: F401 - re-exported to the benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -29,18 +31,8 @@ LOAD_AT_START = os.getloadavg()
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def child_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "SERVABLE_BENCH_SESSION": SESSION, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.update(extra)
-    return env
+    return testing.child_env("SERVABLE_BENCH_SESSION", SESSION, REPO, PYTHONUNBUFFERED="1", **extra)
 
 
 class Proc:
@@ -79,22 +71,7 @@ class Proc:
 
 def leftovers() -> list[int]:
     """Live (non-zombie) processes carrying this benchmark session's marker."""
-    marker = f"SERVABLE_BENCH_SESSION={SESSION}".encode()
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if marker not in f.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{entry}/stat") as st:
-                if st.read().split(") ")[-1].startswith("Z"):
-                    continue
-            out.append(int(entry))
-        except OSError:
-            continue
-    return out
+    return testing.marked_pids("SERVABLE_BENCH_SESSION", SESSION)
 
 
 def check_alive(procs: list[Proc]) -> None:

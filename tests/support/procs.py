@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,42 +17,23 @@ from pathlib import Path
 
 import httpx
 
+from servable_framework import testing
+from servable_framework.testing import free_port
+
+__all__ = ["free_port"]  # re-exported: tests import it from here
+
 REPO = Path(__file__).resolve().parents[2]
 SESSION_ID = os.environ.setdefault("SERVABLE_TEST_SESSION", uuid.uuid4().hex)
 PYTHON = sys.executable
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def child_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "SERVABLE_TEST_SESSION": SESSION_ID, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env.update(extra)
-    return env
+    return testing.child_env("SERVABLE_TEST_SESSION", SESSION_ID, REPO, **extra)
 
 
 def session_pids() -> list[int]:
     """Live processes (other than pytest itself) whose environment carries this test session's marker."""
-    marker = f"SERVABLE_TEST_SESSION={SESSION_ID}".encode()
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    with open(f"/proc/{entry}/stat") as st:
-                        if st.read().split(") ")[-1].startswith("Z"):
-                            continue  # a zombie waiting for its parent's wait(): not running
-                    out.append(int(entry))
-        except OSError:
-            continue
-    return out
+    return testing.marked_pids("SERVABLE_TEST_SESSION", SESSION_ID)
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1) -> None:
