@@ -69,16 +69,17 @@ class Inbox:
                     return item
         return None
 
-    def fitting(self, free_rows: int) -> int:
-        """How many batches from the front fit, together, in ``free_rows``."""
-        k = 0
+    def fitting(self, free_rows: int) -> tuple[int, int, bool, float]:
+        """How many batches from the front fit, together, in ``free_rows``: (batches, their rows, whether
+        the next one is left out for lack of rows, arrival time of the first)."""
+        k = rows = 0
         with self._cond:
             for item in self._items:
-                if item.count > free_rows:
-                    break
-                free_rows -= item.count
+                if rows + item.count > free_rows:
+                    return k, rows, True, self._items[0].arrived
+                rows += item.count
                 k += 1
-        return k
+            return k, rows, False, self._items[0].arrived if self._items else 0.0
 
     def take(self, k: int, timeout_s: float) -> list[WaitingBatch]:
         with self._cond:
@@ -93,6 +94,7 @@ class _Link:
     def __init__(self, agent: Agent, batch_id: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.agent, self.batch_id, self.loop = agent, batch_id, loop
         self.max_rows = int(agent.cfg.get("max_batch_rows", 0)) if agent.cfg.get("continuous_batching") else 0
+        self.join_delay_s = float(agent.cfg.get("max_batch_delay_ms", 0.0)) / 1000.0
         self.open: list[Any] = []  # joined batches not yet completed
         self.done: set[Any] = set()
 
@@ -119,9 +121,16 @@ class _Link:
             self.open.remove(batch_id)
 
     def joinable(self, active_rows: int) -> int:
+        """Waiting batches join like the Worker batches requests: at once when nothing else runs or they fill
+        the free rows, else once the oldest has waited ``max_batch_delay_ms``. Each join costs a prefill pass
+        beside the decode step, so gathering a few joiners into one pass pays while rows keep decoding."""
         if self.max_rows <= 0:
             return 0
-        return self.agent.inbox.fitting(self.max_rows - active_rows)
+        free = self.max_rows - active_rows
+        k, rows, more, arrived = self.agent.inbox.fitting(free)
+        if k and (active_rows == 0 or rows == free or more or time.monotonic() - arrived >= self.join_delay_s):
+            return k
+        return 0
 
     def cancelled(self) -> set[tuple[Any, int]]:
         out: set[tuple[Any, int]] = set()

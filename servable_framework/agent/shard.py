@@ -26,6 +26,7 @@ any other exception fails the batch and is logged with its traceback.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -90,6 +91,7 @@ class WaitingBatch:
     batch_id: int
     instances: list[InstanceValues] | None  # stage-0 ranks: the inputs; later stages: None
     count: int  # number of instances (known on every rank)
+    arrived: float = field(default_factory=time.monotonic)  # when it reached this rank
 
 
 class BatchLink(Protocol):

@@ -37,7 +37,9 @@ def declare_servable(rank_size: int, stage_size: int, with_batch_dim: bool = Tru
         max_batch_delay_ms: how long a batch may wait for more instances (0 = take what is queued).
         continuous_batching: keep up to ``max_batch_size`` batches in flight; a shard with a multi-step
             loop (the Qwen decode loop) takes newly arrived instances into the running batch at a step
-            boundary, as rows free up, instead of making them wait for the whole batch to finish.
+            boundary, as rows free up, instead of making them wait for the whole batch to finish. Waiting
+            batches join at once when nothing else runs or they fill the free rows, else once the oldest has
+            waited ``max_batch_delay_ms`` (each join costs a prefill pass, so a few are gathered into one).
     """
     return declare_distributed(rank_size, stage_size, with_batch_dim, without_batch_dim_inputs, enable_pipeline_infer,
                                shard, shard_options, max_batch_size, max_batch_delay_ms, continuous_batching)

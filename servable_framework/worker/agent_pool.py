@@ -191,7 +191,8 @@ class AgentPool:
                 "shard": self.dist.shard, "shard_options": self.dist.shard_options,
                 "with_batch_dim": self.model.with_batch_dim, "ranks": [[r.ip, r.device_id] for r in self.ranks],
                 "store_port": self.store.port, "generation": self.generation, "heartbeat": self.heartbeat,
-                "continuous_batching": self.dist.continuous_batching, "max_batch_rows": self.model.max_batch_size}
+                "continuous_batching": self.dist.continuous_batching, "max_batch_rows": self.model.max_batch_size,
+                "max_batch_delay_ms": self.model.max_batch_delay_ms}
 
     async def _on_register(self, identity: bytes, header: dict[str, Any]) -> None:
         rank, generation = header.get("rank"), header.get("generation")
