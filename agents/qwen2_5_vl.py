@@ -144,7 +144,22 @@ class _Rows:
             self.mask = self.mask[keep]
             if first_stage:
                 self.next_pos = self.next_pos[keep]
+            self._trim()
         return done
+
+    def _trim(self) -> None:
+        """Drop the leading cache columns no remaining row attends to (those of rows that left, and left
+        padding): with batches joining, the loop can run for a long time and its cache would otherwise only
+        grow. Masked columns add exact zeros to attention, so dropping them changes no result. Every rank
+        holds the same mask here, so every rank drops the same columns."""
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        if start == 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, start:]
+            layer.values = layer.values[:, :, start:]
+        self.mask = self.mask[:, start:]
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
