@@ -5,7 +5,7 @@ What is measured, in one run:
 * served (examples/qwen/serving_server.py + serving_agent.py, ``--tp``, free ports), three times, one after the
   other: batching off (``QWEN_MAX_BATCH_SIZE=1``), static batching (``QWEN_MAX_BATCH_SIZE=8``,
   ``QWEN_MAX_BATCH_DELAY_MS=--delay-ms``, ``QWEN_CONTINUOUS_BATCHING=0``: a batch runs to its end while newer
-  requests wait; the servable's default) and continuous batching (the same with ``QWEN_CONTINUOUS_BATCHING=1``:
+  requests wait) and continuous batching (the same with ``QWEN_CONTINUOUS_BATCHING=1``, the servable's default:
   newer requests join the running decode loop as rows free up);
   every request is the same text-only prompt, greedy, ``max_new_tokens = --tokens`` (``--mixed``: request n asks
   for ``[tokens/4, tokens, 2*tokens][n % 3]``, where continuous batching matters most), sent over ZMQ
@@ -19,8 +19,8 @@ Also recorded per cell: the mean batch the Worker formed (GET /metrics) and the 
 used (Main, Worker, Agent, this load generator; /proc), to show what limits throughput.
 
 Every reply is checked: failures count as errors; a text different from the in-process greedy text of its
-length counts as a mismatch (batched float math may differ in the last bits). The pass line: the default
-(static) batching's throughput at c=8 >= 3x that at c=1; continuous batching's ratios are printed next to it.
+length counts as a mismatch (batched float math may differ in the last bits). The pass line: with batching on,
+in both modes, throughput at c=8 >= 3x that at c=1.
 
     .venv/bin/python bench/bench_batching.py [--tp 1] [--tokens 16] [--mixed] [--delay-ms 10] [--seconds 15]
 
@@ -173,15 +173,15 @@ def main() -> None:
                   ", ".join(f"{k} {v:.2f}" for k, v in sorted(c["cores_used"].items())))
     on8, static8, off1 = rps("continuous", 8), rps("static", 8), rps("off", 1)
     ratio, model_ratio = static8 / rps("static", 1), refs[1]["inst_per_s"] / refs[0]["inst_per_s"]
-    print(f"\nstatic batching (default): c=8 / c=1 = {ratio:.2f}x -> {'PASS' if ratio >= 3 else 'FAIL'} "
-          f"(target >= 3x); "
-          f"continuous batching c=8 / c=1 = {on8 / on1:.2f}x; continuous c=8 / static c=8 = "
+    passed = min(ratio, on8 / on1) >= 3
+    print(f"\ncontinuous batching (default): c=8 / c=1 = {on8 / on1:.2f}x; static batching: c=8 / c=1 = "
+          f"{ratio:.2f}x -> {'PASS' if passed else 'FAIL'} (target >= 3x, both); continuous c=8 / static c=8 = "
           f"{on8 / static8:.2f}x; continuous c=8 / batching off c=1 = {on8 / off1:.2f}x; "
           f"in-process model alone, batch 8 / batch 1 = {model_ratio:.2f}x")
     if refs[0]["n_tokens"] != a.tokens:
         print(f"WARNING: the reference stopped after {refs[0]['n_tokens']} tokens ({refs[0]['reason']})")
     write_results("bench_batching", {"settings": vars(a), "prompt": PROMPT, "reference": refs, "cells": cells,
-                                     "static_c8_over_c1": ratio, "pass_3x": ratio >= 3,
+                                     "static_c8_over_c1": ratio, "pass_3x": passed,
                                      "continuous_c8_over_c1": on8 / on1, "on_c8_over_off_c1": on8 / off1,
                                      "continuous_c8_over_static_c8": on8 / static8,
                                      "inprocess_batch8_over_batch1": model_ratio})
