@@ -71,22 +71,25 @@ class WorkerLink:
 
         ``lost`` names Agents (rank, pid, error) this process is about to replace: the Worker retires them from
         the current group *before* answering, so the config always carries the generation to join. Each request
-        has an id the answer echoes, so a late answer to an earlier request (older generation) is ignored.
+        has an id the answer echoes: an answer to any request of this call is taken (a Worker slower than the
+        retry period still gets through), one left over from an earlier call (older generation) is ignored.
         Raises `ServableStopped` when the Worker announces the end or ``cancelled()`` turns true, and
         RuntimeError when no config came within ``timeout_s``.
         """
         deadline = time.monotonic() + timeout_s
         last_error = "no answer"
+        first = None
         while time.monotonic() < deadline:
             if self.stopped.is_set() or cancelled():
                 raise ServableStopped("the servable was stopped")
             req = next(self._ids)
+            first = first or req
             with self._lock:
                 try:
                     self._sock.send_multipart(pack(Kind.CONFIG, {"lost": lost or [], "req": req}), zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # the queue to an unreachable Worker is full: wait and ask again
-            answer = self._drain(min(RETRY_S, max(deadline - time.monotonic(), 0.0)), req)
+            answer = self._drain(min(RETRY_S, max(deadline - time.monotonic(), 0.0)), first)
             if answer is not None:
                 if "error" not in answer:
                     return answer
@@ -99,9 +102,10 @@ class WorkerLink:
         while not self.stopped.is_set() and time.monotonic() < until:
             self._drain(min(0.1, until - time.monotonic()), None)
 
-    def _drain(self, wait_s: float, req: int | None) -> dict[str, Any] | None:
+    def _drain(self, wait_s: float, since: int | None) -> dict[str, Any] | None:
         """Read messages for up to ``wait_s`` (in 0.1 s slices, releasing the lock between them); returns the
-        CONFIG answer to ``req`` as soon as it arrives. An EXIT marks the link stopped."""
+        first CONFIG answer to a request numbered ``since`` or later as soon as it arrives. An EXIT marks the
+        link stopped."""
         until = time.monotonic() + wait_s
         while True:
             with self._lock:
@@ -120,7 +124,8 @@ class WorkerLink:
                              f": {header['error']}" if header.get("error") else "")
                     self.stopped.set()
                     return None
-                if kind is Kind.CONFIG and req is not None and header.get("req") == req:
+                req = header.get("req")
+                if kind is Kind.CONFIG and since is not None and isinstance(req, int) and req >= since:
                     return header
                 continue  # an answer to an earlier request: stale
             if time.monotonic() >= until or self.stopped.is_set():
