@@ -17,6 +17,8 @@ class Settings(BaseModel):
     heartbeat_interval_s: float = Field(1.0, gt=0, description="ping period, Main<->Worker and Worker<->Agent")
     heartbeat_timeout_s: float = Field(3.0, gt=0, description="silence after which a peer counts as dead")
     request_timeout_s: float = Field(100.0, gt=0, description="default per-request deadline (REST and ZMQ)")
+    cancel_abandoned: bool = Field(True, description="a request past its deadline, or whose REST client hung up, is "
+                                   "stopped in the Worker and on the Agents (else it runs on for nobody)")
     max_enqueued_requests: int = Field(10000, ge=1, description="requests admitted at once; above: 503")
     max_instances_per_request: int = Field(1024, ge=1)
     worker_restart_max: int = Field(3, ge=0, description="restarts of a dead Worker before giving up")

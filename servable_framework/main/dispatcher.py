@@ -106,10 +106,11 @@ class Dispatcher:
             # timed out, or the caller went away (a REST client hung up): the Worker stops what it can of the
             # abandoned request: queued instances never run, generating rows stop at the next step (best
             # effort: a Worker that is gone needs no telling)
-            try:
-                await self.workers.send(handle, Kind.CANCEL, {"id": request_id})
-            except Exception:
-                pass
+            if self.settings.cancel_abandoned:
+                try:
+                    await self.workers.send(handle, Kind.CANCEL, {"id": request_id})
+                except Exception:
+                    pass
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise RequestTimeout(f"Request timed out after {timeout_s:g} s") from None
