@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ from servable_framework.main.rest import build_app
 from servable_framework.main.workers import WorkerHandle, WorkerSet
 from servable_framework.main.zmq_frontend import ZmqFrontend
 from servable_framework.settings import Settings
+from servable_framework.tls import CIPHERS, SSLConfig, server_context
 
 log = logging.getLogger("servable_framework.main")
 T = TypeVar("T")
@@ -80,9 +82,11 @@ class Master:
         self.call(start())
 
     # -- front ends -----------------------------------------------------------------------------------------
-    def start_rest(self, address: str, max_msg_bytes: int) -> None:
+    def start_rest(self, address: str, max_msg_bytes: int, tls: SSLConfig | None = None) -> None:
         if self.rest is not None:
             raise RuntimeError("Serving Error: RESTful server is already running")
+        if tls is not None:
+            server_context(tls)  # the files are checked now, with the contract's errors; uvicorn loads them again
         ip, port = transport.parse_address(address, "RESTful server", allow_unix=False)
         assert port is not None
         # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then (else every
@@ -97,8 +101,11 @@ class Master:
         except OSError:
             sock.close()
             raise RuntimeError(f"RESTful server start failed, bind to the socket address {address} failed") from None
+        ssl_args: dict[str, Any] = {} if tls is None else {
+            "ssl_certfile": tls.certificate, "ssl_keyfile": tls.private_key, "ssl_ca_certs": tls.custom_ca,
+            "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.verify_client else ssl.CERT_NONE, "ssl_ciphers": CIPHERS}
         config = uvicorn.Config(build_app(self.dispatcher, max_msg_bytes), log_level="warning", lifespan="off",
-                                timeout_keep_alive=100, access_log=False)
+                                timeout_keep_alive=100, access_log=False, **ssl_args)
         server = uvicorn.Server(config)
         self.rest = server
 
@@ -106,7 +113,7 @@ class Master:
             self.rest_task = asyncio.create_task(server.serve(sockets=[sock]))
 
         self.call(serve())
-        log.info("Serving RESTful server start success, listening on %s", address)
+        log.info("Serving RESTful server start success, listening on %s%s", address, " (HTTPS)" if tls else "")
 
     def start_zmq(self, address: str, max_msg_bytes: int) -> None:
         if self.zmq is not None:

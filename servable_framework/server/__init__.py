@@ -22,6 +22,7 @@ from servable_framework.servable.loader import check_servable_dir
 from servable_framework.server import distributed, register
 from servable_framework.server.start_config import DistributedStartConfig, ServableStartConfig
 from servable_framework.settings import Settings
+from servable_framework.tls import SSLConfig
 
 
 def start_servables(servable_configs: Any, enable_lite: bool = False) -> None:
@@ -87,19 +88,19 @@ def start_restful_server(address: str, max_msg_mb_size: int = 100, ssl_config: A
     Args:
         address: ``"ip:port"``; ``unix:`` addresses are rejected.
         max_msg_mb_size: largest accepted body in MB, 1-512 (413 above it).
-        ssl_config: not supported yet (must be None); put a TLS proxy in front.
+        ssl_config: an `SSLConfig` to serve HTTPS (TLS >= 1.2; mutual TLS with ``verify_client=True``), or None.
     """
     checks.check_int("max_msg_mb_size", max_msg_mb_size, 1, 512)
-    if ssl_config is not None:
-        raise RuntimeError("ssl_config is not supported by servable_framework yet; use a TLS-terminating proxy")
-    master.get_master().start_rest(address, max_msg_mb_size * 1024 * 1024)
+    if ssl_config is not None and not isinstance(ssl_config, SSLConfig):
+        raise RuntimeError("Parameter 'ssl_config' should be None or an SSLConfig")
+    master.get_master().start_rest(address, max_msg_mb_size * 1024 * 1024, ssl_config)
 
 
 def start_zmq_server(address: str, max_msg_mb_size: int = 100, ssl_config: Any = None) -> None:
     """Serve the binary ZMQ protocol (gRPC's place) on ``"ip:port"`` or ``"unix:path"``; see `client.Client`."""
     checks.check_int("max_msg_mb_size", max_msg_mb_size, 1, 512)
     if ssl_config is not None:
-        raise RuntimeError("ssl_config is not supported by servable_framework yet; use CurveZMQ or a TLS tunnel")
+        raise RuntimeError("ssl_config is not supported on the ZMQ front end yet; use a TLS tunnel (or HTTPS REST)")
     master.get_master().start_zmq(address, max_msg_mb_size * 1024 * 1024)
 
 
@@ -111,5 +112,5 @@ def stop() -> None:
     master.stop()
 
 
-__all__ = ["DistributedStartConfig", "ServableStartConfig", "Settings", "distributed", "register", "set_settings",
-           "start_grpc_server", "start_restful_server", "start_servables", "start_zmq_server", "stop"]
+__all__ = ["DistributedStartConfig", "SSLConfig", "ServableStartConfig", "Settings", "distributed", "register",
+           "set_settings", "start_grpc_server", "start_restful_server", "start_servables", "start_zmq_server", "stop"]

@@ -20,6 +20,8 @@ def main() -> None:
     p.add_argument("--dist-address")
     p.add_argument("--wait", type=int, default=0)
     p.add_argument("--max-msg-mb", type=int, default=100)
+    p.add_argument("--ssl", nargs="+", metavar="PEM", help="REST over HTTPS: CERT KEY [CA]")
+    p.add_argument("--verify-client", action="store_true", help="with --ssl: mutual TLS (needs CA)")
     p.add_argument("--also-local", nargs=2, metavar=("DIR", "NAME"), help="a second, local servable in the same Main")
     a = p.parse_args()
     if a.also_local:
@@ -32,7 +34,8 @@ def main() -> None:
     if a.zmq:
         server.start_zmq_server(a.zmq, max_msg_mb_size=a.max_msg_mb)
     if a.rest:
-        server.start_restful_server(a.rest, max_msg_mb_size=a.max_msg_mb)
+        tls = server.SSLConfig(*a.ssl[:3], verify_client=a.verify_client) if a.ssl else None
+        server.start_restful_server(a.rest, max_msg_mb_size=a.max_msg_mb, ssl_config=tls)
 
 
 if __name__ == "__main__":
