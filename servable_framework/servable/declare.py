@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from servable_framework.servable import checks
+from servable_framework.servable import checks, legacy
+from servable_framework.servable.legacy import LegacyTrace
 from servable_framework.servable.spec import (
     MODEL_FORMATS,
     DistributedSpec,
@@ -36,6 +37,7 @@ class ServableBuilder:
     def __init__(self, name: str, directory: str) -> None:
         self.spec = ServableSpec(name=name, directory=directory)
         self.method: MethodSpec | None = None  # the method being traced
+        self.legacy: LegacyTrace | None = None  # its call_* plan, when it uses the deprecated API
         self.handles: list[Model] = []  # the Model objects handed out, so the Worker can bind runners
 
     @contextmanager
@@ -314,10 +316,12 @@ def register_method(output_names: str | list[str] | tuple[str, ...]) -> Callable
         if method.name in builder.spec.methods:
             raise RuntimeError(f"Method {method.name} has been registered more than once.")
         builder.method = method
+        builder.legacy = legacy.plan(func)
         try:
             returned = func(*[TensorDef(0, i) for i in range(len(method.input_names))])
         finally:
             builder.method = None
+            builder.legacy = None
         outs = list(returned) if isinstance(returned, (tuple, list)) else [returned]
         for out in outs:
             if not isinstance(out, TensorDef):
@@ -330,6 +334,53 @@ def register_method(output_names: str | list[str] | tuple[str, ...]) -> Callable
         return func
 
     return deco
+
+
+def _legacy_stage(kind: str, stage: Any, args: tuple[Any, ...], batched: bool = False) -> Any:
+    """The deprecated call_* API (`servable_framework.servable.legacy`): `add_stage` with the outputs count
+    read from the method's source."""
+    builder = current_builder()
+    if builder.method is None:
+        raise RuntimeError("call_* should be called in a function decorated by register_method")
+    if builder.legacy is None:  # the source was not available: behave as MindSpore does without counts
+        builder.legacy = legacy.LegacyTrace([])
+    legacy.check_order(builder.legacy, kind)
+    count = builder.legacy.next_count()
+    if kind == "servable":
+        models = builder.spec.models
+        if not models:
+            raise RuntimeError("There is no model declared, you can use declare_model to declare models")
+        if len(models) > 1:
+            raise RuntimeError("There are more than one servable declared when the interface 'call_servable' is used")
+        handle = next(h for h in builder.handles if h.spec is models[0])
+        return add_stage(handle, *args, outputs_count=count)
+    tag = "Preprocess" if kind == "pre" else "Postprocess"
+    return add_stage(stage, *args, outputs_count=count, batch_size=0 if batched else None, tag=tag)
+
+
+def call_preprocess(preprocess_fun: Callable[..., Any], *args: Any) -> Any:
+    """Deprecated (MindSpore 1.x): ``add_stage(preprocess_fun, *args, outputs_count=<from the source>)``."""
+    return _legacy_stage("pre", preprocess_fun, args)
+
+
+def call_preprocess_pipeline(preprocess_fun: Callable[..., Any], *args: Any) -> Any:
+    """Deprecated (MindSpore 1.x): the batched form of `call_preprocess` (``batch_size=0``)."""
+    return _legacy_stage("pre", preprocess_fun, args, batched=True)
+
+
+def call_servable(*args: Any) -> Any:
+    """Deprecated (MindSpore 1.x): ``add_stage(<the one declared model>, *args, outputs_count=<from the source>)``."""
+    return _legacy_stage("servable", None, args)
+
+
+def call_postprocess(postprocess_fun: Callable[..., Any], *args: Any) -> Any:
+    """Deprecated (MindSpore 1.x): ``add_stage(postprocess_fun, *args, outputs_count=<from the source>)``."""
+    return _legacy_stage("post", postprocess_fun, args)
+
+
+def call_postprocess_pipeline(postprocess_fun: Callable[..., Any], *args: Any) -> Any:
+    """Deprecated (MindSpore 1.x): the batched form of `call_postprocess` (``batch_size=0``)."""
+    return _legacy_stage("post", postprocess_fun, args, batched=True)
 
 
 def _defaults(func: Callable[..., Any]) -> dict[str, Any]:

@@ -1,6 +1,17 @@
 """``servable_framework.server.register``: the declarations used in ``servable_config.py`` (contract §3)."""
 
-from servable_framework.servable.declare import Model, add_stage, declare_model, register_method, set_servable_options
+from servable_framework.servable.declare import (
+    Model,
+    add_stage,
+    call_postprocess,
+    call_postprocess_pipeline,
+    call_preprocess,
+    call_preprocess_pipeline,
+    call_servable,
+    declare_model,
+    register_method,
+    set_servable_options,
+)
 
 
 class Context:
@@ -31,5 +42,6 @@ def declare_servable(servable_file: str, model_format: str, with_batch_dim: bool
     return declare_model(servable_file, model_format, with_batch_dim, options, without_batch_dim_inputs)
 
 
-__all__ = ["CPUDeviceInfo", "Context", "GPUDeviceInfo", "Model", "add_stage", "declare_model", "declare_servable",
-           "register_method", "set_servable_options"]
+__all__ = ["CPUDeviceInfo", "Context", "GPUDeviceInfo", "Model", "add_stage", "call_postprocess",
+           "call_postprocess_pipeline", "call_preprocess", "call_preprocess_pipeline", "call_servable", "declare_model",
+           "declare_servable", "register_method", "set_servable_options"]

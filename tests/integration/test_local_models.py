@@ -130,3 +130,40 @@ def test_dead_worker_is_restarted_by_main(servers, add_dir) -> None:
     r = rest.post("/model/add:add_common", body)
     assert r.json() == {"instances": [{"y": [[2.0, 2.0], [2.0, 2.0]]}]}
     assert server.alive()
+
+
+LEGACY_CONFIG = '''
+import numpy as np
+from servable_framework.server import register
+
+register.declare_servable(servable_file="tensor_add.pt2", model_format="TorchExport", with_batch_dim=False)
+
+
+def to_float(x1, x2):
+    return np.asarray(x1, np.float32), np.asarray(x2, np.float32)
+
+
+def negate(y):
+    return -y
+
+
+@register.register_method(output_names=["y"])
+def add_negated(x1, x2):
+    x1, x2 = register.call_preprocess(to_float, x1, x2)
+    y = register.call_servable(x1, x2)
+    y = register.call_postprocess(negate, y)
+    return y
+'''
+
+
+def test_legacy_servable_config_serves(servers, add_dir, tmp_path) -> None:
+    """A MindSpore 1.x servable_config.py (declare_servable, call_preprocess/call_servable/call_postprocess),
+    with only the import changed, serves."""
+    import shutil
+
+    shutil.copytree(add_dir / "add", tmp_path / "legacy")
+    (tmp_path / "legacy" / "servable_config.py").write_text(LEGACY_CONFIG)
+    _, rest, _ = servers.local(tmp_path, "legacy")
+    r = rest.post("/model/legacy:add_negated", {"instances": [{"x1": [[1, 2], [3, 4]], "x2": [[5, 6], [7, 8]]}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["instances"][0]["y"] == [[-6.0, -8.0], [-10.0, -12.0]]

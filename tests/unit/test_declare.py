@@ -177,3 +177,66 @@ def test_pipeline_python_stages(tmp_path: Path) -> None:
            "input" in results[1].message
     assert results[1].http_status == 400
     assert float(results[2]["s"]) == 30.0
+
+
+LEGACY = """
+    m = register.declare_model("a.pt2", "torchexport")
+    def pre(a, b):
+        return a + b, a - b
+    def post(y):
+        return y * 2
+"""
+
+
+def test_legacy_call_api_traces_like_add_stage(tmp_path: Path) -> None:
+    """MindSpore 1.x configs: call_preprocess / call_servable / call_postprocess, outputs counts from the source."""
+    loaded = load_servable(str(make(tmp_path, LEGACY + """
+    @register.register_method(output_names=["y"])
+    def predict(a, b):
+        "a docstring is allowed"
+        x1, x2 = register.call_preprocess(pre, a, b)
+        y = register.call_servable(x1, x2)
+        y = register.call_postprocess_pipeline(post, y)
+        return y
+    """)), "svc")
+    stages = loaded.spec.methods["predict"].stages
+    assert [s.outputs_count for s in stages] == [2, 1, 1]
+    assert stages[1].model is loaded.spec.models[0] and stages[1].inputs == [TensorDef(1, 0), TensorDef(1, 1)]
+    assert [s.tag for s in (stages[0], stages[2])] == ["Preprocess", "Postprocess"]
+    assert stages[0].batch_size is None and stages[2].batch_size == 0
+    assert loaded.spec.methods["predict"].returns == [TensorDef(3, 0)]
+
+
+@pytest.mark.parametrize(("method", "fragment"), [
+    ("y = register.call_servable(a, b)\n        y = register.call_servable(y, b)\n        return y",
+     "call_servable should not be invoked more than once"),
+    ("y = register.call_servable(a, b)\n        x1, x2 = register.call_preprocess(pre, a, b)\n        return y",
+     "call_servable should be invoked after call_preprocess"),
+    ("y = register.call_postprocess(post, a)\n        z = register.call_servable(y, b)\n        return z",
+     "call_postprocess or call_postprocess_pipeline should be invoked after call_servable"),
+    ("x1, x2 = register.call_preprocess(pre, a, b)\n        return x1",
+     "Not find the invoke of 'call_servable'"),
+    ("if True:\n            y = register.call_servable(a, b)\n        return y",
+     "complex statements such as conditions and loops are not supported in register_method when the interface "
+     "'call_servable' is used, use 'add_stage' to replace 'call_servable'"),
+])
+def test_legacy_call_api_rules(tmp_path: Path, method: str, fragment: str) -> None:
+    body = LEGACY + f"""
+    @register.register_method(output_names=["y"])
+    def predict(a, b):
+        {method}
+    """
+    assert fragment in load_error(tmp_path, body)
+
+
+def test_legacy_call_servable_needs_exactly_one_model(tmp_path: Path) -> None:
+    method = """
+    @register.register_method(output_names=["y"])
+    def predict(a):
+        y = register.call_servable(a)
+        return y
+    """
+    assert "There is no model declared" in load_error(tmp_path, method)
+    two = 'm = register.declare_model("a.pt2", "torchexport")\nm2 = register.declare_model("b.pt2", "torchexport")\n'
+    (tmp_path / "two").mkdir()
+    assert "more than one servable declared" in load_error(tmp_path / "two", two + textwrap.dedent(method))
