@@ -66,10 +66,12 @@ class Worker:
             dist = dist_model.distributed
             assert dist is not None
             concurrency = dist.stage_size if dist.enable_pipeline_infer else 1
-            if dist.continuous_batching:  # each in-flight batch holds a thread; the Agents take them in
-                concurrency = max(concurrency, dist_model.max_batch_size)
-            self.batchers[dist_model.key] = ModelBatcher(backend, dist_model.key, dist_model.max_batch_delay_ms,
-                                                         concurrency)
+            delay_ms = dist_model.max_batch_delay_ms
+            if dist.continuous_batching:
+                # each in-flight batch holds a thread; the Agents take them in, gathering joiners for up to
+                # max_batch_delay_ms themselves, so the Worker sends at once (an idle model starts at once)
+                concurrency, delay_ms = max(concurrency, dist_model.max_batch_size), 0.0
+            self.batchers[dist_model.key] = ModelBatcher(backend, dist_model.key, delay_ms, concurrency)
         else:
             p["version"] = resolve_version(p["servable_directory"], p["servable_name"], p["version"],
                                            has_models=bool(loaded.spec.models))
