@@ -19,7 +19,7 @@ Deployment knobs (environment, read when this file is imported by the Worker):
 ``QWEN_MAX_NEW_TOKENS_CAP`` (512), ``QWEN_MAX_BATCH_SIZE`` (8), ``QWEN_MAX_BATCH_DELAY_MS`` (5),
 ``QWEN_CONTINUOUS_BATCHING`` (1, the default: a request that arrives while a batch decodes joins it as rows free
 up, so a short request behind a long one is answered in a few steps; on the 2-core CPU benchmark its throughput
-at concurrency 8 is 1.02-1.05x that of static batching, see bench/bench_batching.py; 0: it waits for the running
+at concurrency 8 is 0.91-1.12x that of static batching, see bench/bench_batching.py; 0: it waits for the running
 batch to finish).
 """
 
