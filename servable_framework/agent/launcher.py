@@ -240,5 +240,6 @@ def startup_agents(distributed_address: str, model_files: Any, group_config_file
 
 
 def _stop_and_notify(sup: AgentSupervisor) -> None:
-    sup.stop_all()
+    # told first: once the Agents are stopped the supervisor thread ends and closes the link
     sup.link.notify(Kind.EXIT, "the agent startup process was stopped")
+    sup.stop_all()
