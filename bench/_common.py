@@ -55,13 +55,7 @@ class Proc:
 
     def stop(self, grace_s: float = 15.0) -> None:
         pgid = self.popen.pid  # start_new_session: the child leads its own process group
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        testing.stop_popen(self.popen, grace_s)
         try:  # anything of its group still running (workers, agents): gone too
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -8,7 +8,9 @@ so `marked_pids` finds anything still running, even after it was re-parented to 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 
@@ -27,6 +29,17 @@ def child_env(marker: str, session: str, repo: Path, **extra: str) -> dict[str, 
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.update(extra)
     return env
+
+
+def stop_popen(popen: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
+    """SIGTERM, wait up to ``grace_s`` for a clean exit (the process stops its own children), then SIGKILL."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
 
 
 def marked_pids(marker: str, session: str) -> list[int]:

@@ -74,13 +74,7 @@ class Proc:
         return self.popen.wait(timeout=timeout_s)
 
     def stop(self, grace_s: float = 15.0) -> None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        testing.stop_popen(self.popen, grace_s)
         self._log.close()
 
 
