@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 Result = Instance | ServingError
 
 
+def _cancelled() -> RequestTimeout:
+    """The result of an instance whose request was cancelled; nobody reads it (Main already answered)."""
+    return RequestTimeout("the request was cancelled: its caller timed out or hung up")
+
+
 class _Slot:
     """One instance in flight: its stage outputs, or the error that stopped it."""
 
@@ -67,7 +72,7 @@ class MethodRunner:
                 break
             if cancel is not None and cancel.cancelled:
                 for slot in live:
-                    slot.error = RequestTimeout("the request was cancelled: its caller timed out")
+                    slot.error = _cancelled()
                 break
             if stage.model is not None:
                 self._run_model(k, stage, live, cancel)
@@ -139,7 +144,7 @@ class MethodRunner:
                 slot.error = exc
                 continue
             except CancelledError:
-                slot.error = RequestTimeout("the request was cancelled: its caller timed out")
+                slot.error = _cancelled()
                 continue
             if len(outputs) != stage.outputs_count:
                 slot.error = ServingError(f"The outputs count {stage.outputs_count} in register_method not equal to "
