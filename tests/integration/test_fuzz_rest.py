@@ -137,14 +137,16 @@ def random_url(draw: st.DrawFn) -> str:
         return quote(s, safe=":").replace(".", "%2E")
 
     # a newline inside the path is left out here: test_newline_in_url_path covers it (a known bug)
-    text = st.text(st.characters(exclude_characters="\n"), max_size=8)
+    # surrogates are left out: they are not UTF-8, so no client can put them in a URL (quote() raises)
+    chars = st.characters(exclude_characters="\n", exclude_categories=("Cs",))
+    text = st.text(chars, max_size=8)
     segments = draw(st.lists(st.one_of(st.sampled_from(["add", "version", "model", "1", "0", "-1", "4294967295",
                                                         "x", ""]), text), max_size=4))
     url = "/model/" + "/".join(part(s) for s in segments)
     if draw(st.booleans()):
         url += ":" + part(draw(st.sampled_from(["add_common", "add_cast", "", "::"]) | text))
     if draw(st.integers(0, 4)) == 0:
-        url += "?" + quote(draw(st.text(max_size=6)))
+        url += "?" + quote(draw(st.text(st.characters(exclude_categories=("Cs",)), max_size=6)))
     return url
 
 
