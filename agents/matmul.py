@@ -2,10 +2,10 @@
 
 Each rank's model file is a safetensors file holding its column slice ``w`` of ``W`` ([K, N / tp]).
 Stage 0 computes ``x @ w`` and all-gathers the slices across its TP group. With ``stage_size > 1`` every
-stage is one such column-parallel layer: stage s sends its activations to the same TP rank of stage s+1
-(a shape header first, then the tensor); the last stage negates the result and its first TP rank answers.
-A batch stage 0 rejects (bad shapes) is announced downstream instead (header ``[-1, len(text), 0]``, then the
-error text), so every stage fails it with the same message and stays in step for the next batch.
+stage is one such column-parallel layer: stage s sends its activations to the same TP rank of stage s+1 as a
+`StageMessage` (``DATA`` with tensor ``x``); the last stage negates the result and its first TP rank answers.
+A batch stage 0 rejects (bad shapes) travels down as a ``REJECT`` message with the error text, so every stage
+fails it with the same message and stays in step for the next batch.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from servable_framework.agent.shard import InstanceValues, ModelShard, ShardContext, register_shard
+from servable_framework.engine.transfer import StageKind, StageMessage, StageTransfer
 
 
 @register_shard("matmul")
@@ -25,6 +26,7 @@ class MatMulShard(ModelShard):
         with safe_open(ctx.model_files[0], framework="pt", device="cpu") as f:
             self.weight = f.get_tensor("w").to(ctx.device)  # this rank's file holds only its own slice
         self.in_features = self.weight.shape[0]
+        self.transfer = StageTransfer(ctx)
 
     def _layer(self, x: torch.Tensor) -> torch.Tensor:
         local = x @ self.weight
@@ -34,46 +36,26 @@ class MatMulShard(ModelShard):
         dist.all_gather(parts, local.contiguous(), group=self.ctx.tp_group)
         return torch.cat(parts, dim=-1)
 
-    def _recv(self) -> torch.Tensor:
-        src = self.ctx.peer_in_stage(self.ctx.stage - 1)
-        header = torch.empty(3, dtype=torch.int64, device=self.ctx.device)
-        dist.recv(header, src=src)
-        if int(header[0]) < 0:  # stage 0 rejected the batch: pass the news on, fail alike
-            text = torch.empty(int(header[1]), dtype=torch.uint8, device=self.ctx.device)
-            dist.recv(text, src=src)
-            message = bytes(text.cpu().tolist()).decode(errors="replace")
-            self._reject_downstream(message)
-            raise ValueError(message)
-        x = torch.empty(tuple(header.tolist()), dtype=torch.float32, device=self.ctx.device)
-        dist.recv(x, src=src)
-        return x
-
-    def _reject_downstream(self, message: str) -> None:
-        if self.ctx.is_last_stage:
-            return
-        dst = self.ctx.peer_in_stage(self.ctx.stage + 1)
-        data = message.encode()
-        dist.send(torch.tensor([-1, len(data), 0], dtype=torch.int64, device=self.ctx.device), dst=dst)
-        dist.send(torch.tensor(list(data), dtype=torch.uint8, device=self.ctx.device), dst=dst)
-
-    def _send(self, y: torch.Tensor) -> None:
-        dst = self.ctx.peer_in_stage(self.ctx.stage + 1)
-        dist.send(torch.tensor(y.shape, dtype=torch.int64, device=self.ctx.device), dst=dst)
-        dist.send(y.contiguous(), dst=dst)
-
     @torch.inference_mode()
     def predict(self, instances: list[InstanceValues] | None) -> list[InstanceValues] | None:
+        last = self.ctx.is_last_stage
         if self.ctx.is_first_stage:
             try:
                 x = self._inputs(instances)
-            except ValueError as exc:  # before any collective
-                self._reject_downstream(str(exc))
+            except ValueError as exc:  # before any collective: tell the later stages, then fail alike
+                if not last:
+                    self.transfer.send(StageMessage(StageKind.REJECT, {"error": str(exc)}))
                 raise
         else:
-            x = self._recv()
+            message = self.transfer.recv((StageKind.DATA, StageKind.REJECT))
+            if message.kind is StageKind.REJECT:
+                if not last:
+                    self.transfer.send(message)
+                raise ValueError(message.meta["error"])
+            x = message.tensors["x"]
         y = self._layer(x)
-        if not self.ctx.is_last_stage:
-            self._send(y)
+        if not last:
+            self.transfer.send(StageMessage(StageKind.DATA, {}, {"x": y}))
             return None
         if not self.ctx.is_output_rank:
             return None

@@ -17,6 +17,10 @@ number with every rank through its own collective, and every rank calls ``self.l
 same batches, then ``complete``/``fail`` each when its rows are done. A shard that never calls these
 runs the waiting batches one after another, as before.
 
+Streaming (optional, methods declared with ``register_method(..., stream=True)``): once per step the output
+rank may call ``self.link.stream(pieces)`` with the new outputs of its running instances; the Worker runs the
+method's postprocess on each instance's outputs so far and sends the difference to the client.
+
 A shard must load only its own slice of the weights, must use the process groups it is given
 (never the default group for TP collectives), and must not change the order of collectives
 between ranks. A ``ValueError``/``ServingError`` raised for bad inputs is reported to the client;
@@ -49,6 +53,9 @@ class ShardContext:
     model_files: list[str]
     device: torch.device
     tp_group: dist.ProcessGroup | None = None  # the ranks of this stage (None when tp_size == 1)
+    # a gloo group of every rank for host-side metadata when the default group is nccl (None: the default
+    # group is gloo already)
+    cpu_group: dist.ProcessGroup | None = None
     options: dict[str, Any] = field(default_factory=dict)  # `declare_servable(shard_options=...)`
 
     @property
@@ -79,9 +86,20 @@ class ShardContext:
     def is_output_rank(self) -> bool:
         return self.is_last_stage and self.tp_rank == 0
 
+    @property
+    def output_rank(self) -> int:
+        """Global rank of the first TP rank of the last stage (it samples and answers)."""
+        return (self.stage_size - 1) * self.tp_size
+
     def peer_in_stage(self, stage: int) -> int:
         """The global rank with the same tp_rank in ``stage`` (pipeline send/recv partner)."""
         return stage * self.tp_size + self.tp_rank
+
+
+class InStepError(RuntimeError):
+    """A batch failed, but every rank failed it alike and the group is still in step (for example stage 0
+    could not prepare it and said so downstream). Any other non-client exception from ``predict`` means the
+    ranks may be out of step, and the Agent makes the group re-form."""
 
 
 @dataclass
@@ -125,6 +143,14 @@ class BatchLink(Protocol):
 
     def stopped(self, batch_id: int, index: int) -> None:
         """Output rank: instance ``index`` of ``batch_id`` was finished early because it was cancelled."""
+
+    def stream(self, pieces: list[tuple[int, int, InstanceValues, str | None]]) -> None:
+        """Output rank, optional, at most once per step: ``(batch_id, index, outputs, finish)`` for running
+        instances, where ``outputs`` holds only the NEW model outputs of this step (for an LLM
+        ``[int64 array of the new token ids]``, possibly empty; arrays are concatenated along axis 0 by the
+        Worker) and ``finish`` is None, or the reason (``"eos"``, ``"length"``, ``"stop"``, ``"cancelled"``)
+        on the instance's last piece. Only instances whose request streams are sent on (one message per batch);
+        the others cost nothing. ``emit``/``complete`` must still deliver the full outputs. Never blocks."""
 
 
 class ModelShard:

@@ -83,6 +83,9 @@ class ScriptedLink:
     def stopped(self, batch_id: int, index: int) -> None:
         self.stops.append([batch_id, index])
 
+    def stream(self, pieces) -> None:
+        pass
+
 
 def run_layout(rank: int, layout: dict, plan: dict, out_dir: Path) -> None:
     from agents.qwen2_5_vl import Qwen25VLShard
@@ -159,10 +162,12 @@ def run_layout(rank: int, layout: dict, plan: dict, out_dir: Path) -> None:
             shard.link = None
 
     ctx, shard = shards[json.dumps(None)]
-    held = dict(shard.tensors())
+    model = shard.model
+    held = dict(model.tensors())
     report.update(
-        stage=ctx.stage, tp_rank=ctx.tp_rank, layers=list(shard.layers),
-        has_visual=shard.visual is not None, has_lm_head=shard.lm_head is not None,
+        stage=ctx.stage, tp_rank=ctx.tp_rank, layers=list(model.layers),
+        has_visual=model.visual is not None, has_lm_head=model.lm_head is not None, vocab_size=model.vocab_size,
+        head_shape=list(model.lm_head.weight.shape) if model.lm_head is not None else None,
         shapes={n: list(t.shape) for n, t in held.items() if n.startswith("text.layers.0.")},
         seconds=round(time.perf_counter() - t0, 2),
     )

@@ -268,18 +268,34 @@ def test_tp_error_for_7b_sizes():
 
 
 def test_sampler_filters():
-    from agents.qwen_parallel import sample_next_token
+    from servable_framework.engine.sampling import Sampler, SamplingParams, sample_row
+
+    def draw(temperature, top_p, top_k, gen):
+        return sample_row(logits, SamplingParams(1, temperature, top_p, top_k), gen)
 
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.0])
-    assert sample_next_token(logits, 0.0, 1.0, 0, None) == 1  # greedy
+    assert draw(0.0, 1.0, 0, None) == 1  # greedy
     g = torch.Generator().manual_seed(0)
-    assert {sample_next_token(logits, 1.0, 1.0, 1, g) for _ in range(20)} == {1}  # top_k=1 is greedy
-    assert {sample_next_token(logits, 1.0, 1e-6, 0, g) for _ in range(20)} == {1}  # tiny top_p keeps the best
-    assert {sample_next_token(logits, 1.0, 1.0, 2, g) for _ in range(200)} == {1, 2}  # top_k=2
+    assert {draw(1.0, 1.0, 1, g) for _ in range(20)} == {1}  # top_k=1 is greedy
+    assert {draw(1.0, 1e-6, 0, g) for _ in range(20)} == {1}  # tiny top_p keeps the best
+    assert {draw(1.0, 1.0, 2, g) for _ in range(200)} == {1, 2}  # top_k=2
     # top_p=0.9 over softmax([0, 3, 2.9, -1, 2]) ~ [.02, .46, .42, .01, .09]: keeps {1, 2, 4}
-    assert {sample_next_token(logits, 1.0, 0.9, 0, g) for _ in range(300)} == {1, 2, 4}
-    draws = [sample_next_token(logits, 0.7, 1.0, 0, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert {draw(1.0, 0.9, 0, g) for _ in range(300)} == {1, 2, 4}
+    draws = [draw(0.7, 1.0, 0, torch.Generator().manual_seed(5)) for _ in range(3)]
     assert len(set(draws)) == 1  # same seed, same draw
+    assert len({draw(0.7, 1.0, 0, torch.Generator().manual_seed(s)) for s in range(40)}) > 1  # seeds matter
+    # batched: rows with different options in one call; a seeded row draws alike alone and in a batch
+    sampler = Sampler(torch.device("cpu"))
+    sampler.add([SamplingParams(1), SamplingParams(1, 1.0, 1.0, 1), SamplingParams(1, 0.7, 0.9, 3, seed=11)])
+    batch = torch.stack([logits, logits.flip(0), logits])
+    for _ in range(20):
+        tokens = sampler.sample(batch).tolist()
+        assert tokens[0] == 1 and tokens[1] == 3 and tokens[2] in {1, 2, 4}
+    replay = torch.Generator().manual_seed(11)
+    fresh = Sampler(torch.device("cpu"))
+    fresh.add([SamplingParams(1), SamplingParams(1, 0.7, 0.9, 3, seed=11)])
+    alone = [sample_row(logits, SamplingParams(1, 0.7, 0.9, 3, seed=11), replay) for _ in range(30)]
+    assert [fresh.sample(torch.stack([logits.flip(0), logits])).tolist()[1] for _ in range(30)] == alone
 
 
 # --------------------------------------------------------------------------- the parallel layouts
@@ -408,14 +424,14 @@ def test_sharded_matches_unsharded_hf(layout, layout_runs, reference, teacher_fo
 
     # sampling: seeded, so batch == alone; the replayed sampler reproduces the tokens from the
     # recorded logits; the logits along the sampled path match the HF model teacher-forced
-    from agents.qwen_parallel import sample_next_token
+    from servable_framework.engine.sampling import SamplingParams, sample_row
 
     sampled = res["sample/0/tokens"].tolist()
     assert sampled == res["sample_batch/1/tokens"].tolist()
     assert len(sampled) == SAMPLED[0] and sampled != txt_tokens[:SAMPLED[0]]
     gen = torch.Generator().manual_seed(int(SAMPLED[4]))
-    replay = [sample_next_token(torch.from_numpy(row), SAMPLED[1], SAMPLED[2], SAMPLED[3], gen)
-              for row in res["sample/0/logits"]]
+    params = SamplingParams.from_vector(np.asarray(SAMPLED, dtype=np.float64))
+    replay = [sample_row(torch.from_numpy(row), params, gen) for row in res["sample/0/logits"]]
     assert replay == sampled
     for key in ("sample/0/logits", "sample_batch/1/logits"):
         diff = float(np.abs(res[key] - teacher_forced("txt", sampled, len(sampled))).max())
@@ -436,13 +452,18 @@ def test_sharded_matches_unsharded_hf(layout, layout_runs, reference, teacher_fo
     assert res["predict/0/tokens"].tolist() == txt_tokens[:5]
     assert res["predict/1/tokens"].tolist() == reference("img", MAX_NEW)[0][:3]
 
-    # each rank holds only its part: its layers, 1/tp of each projection, vision on stage 0, head on the output rank
+    # each rank holds only its part: its layers, 1/tp of each projection, vision on stage 0, 1/tp of the
+    # vocabulary-parallel head on every rank of the last stage
     tp = world // stage_size
     for rep in reports:
         first, last = rep["stage"] == 0, rep["stage"] == stage_size - 1
         assert rep["layers"] == [rep["stage"] * 4 // stage_size, (rep["stage"] + 1) * 4 // stage_size]
         assert rep["has_visual"] == first
-        assert rep["has_lm_head"] == (last and rep["tp_rank"] == 0)
+        assert rep["has_lm_head"] == last
+        if last:
+            vocab = rep["vocab_size"]
+            assert rep["head_shape"] == [-(-vocab // tp) if rep["tp_rank"] < tp - 1 else vocab - (tp - 1) * -(-vocab // tp),
+                                         128]
         assert rep["shapes"]["text.layers.0.self_attn.q_proj.weight"] == [128 // tp, 128]
         assert rep["shapes"]["text.layers.0.self_attn.k_proj.weight"] == [64 // tp, 128]
         assert rep["shapes"]["text.layers.0.self_attn.o_proj.weight"] == [128, 128 // tp]
