@@ -231,8 +231,6 @@ class Qwen25VLModel(EngineModel):
         assert self.final_norm is not None and self.lm_head is not None
         return self.lm_head(self.final_norm(hidden))
 
-    def close(self) -> None:
-        self.text = self.visual = self.final_norm = self.lm_head = None  # type: ignore[assignment]
 
 
 @register_shard("qwen2_5_vl")

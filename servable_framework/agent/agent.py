@@ -28,7 +28,7 @@ import zmq
 import zmq.asyncio
 
 from servable_framework import procs, transport
-from servable_framework.agent.shard import ModelShard, ShardContext, WaitingBatch, find_shard
+from servable_framework.agent.shard import InStepError, ModelShard, ShardContext, WaitingBatch, find_shard
 from servable_framework.errors import ServingError
 from servable_framework.logs import setup_logging
 from servable_framework.wire import Kind, decode_value, encode_value, unpack
@@ -40,11 +40,18 @@ JOIN_WAIT_S = 30.0  # a batch the output rank saw must reach every rank within t
 _SENT = object()  # `_run`: the batch's reply already left (it was completed or taken in by a running batch)
 
 
-def _error_wire(error: Exception) -> dict[str, Any]:
-    """Bad input (``ValueError``/``ServingError``) keeps its text; anything else is named with its type."""
+def _error_wire(error: Exception, rank: int) -> dict[str, Any]:
+    """Bad input (``ValueError``/``ServingError``) keeps its text; anything else is named with its type and the
+    rank it happened on."""
     if isinstance(error, (ServingError, ValueError)):
         return ServingError(str(getattr(error, "message", error))).to_wire()
-    return ServingError(f"{type(error).__name__}: {error}").to_wire()
+    return ServingError(f"rank {rank}: {type(error).__name__}: {error}").to_wire()
+
+
+def _out_of_step(error: Exception) -> bool:
+    """Whether ``error`` may have left this rank's collectives out of step with its peers' (anything but bad
+    input and failures every rank took alike)."""
+    return not isinstance(error, (ServingError, ValueError, InStepError))
 
 
 class Inbox:
@@ -143,6 +150,23 @@ class _Link:
         log.info("rank %d: instance %d of batch %s stopped early: its caller gave up", self.agent.rank, index,
                  batch_id)
 
+    def progress(self) -> None:
+        self.agent.last_step = time.monotonic()
+
+    def stream(self, pieces: list[tuple[Any, int, list[Any], str | None]]) -> None:
+        """`BatchLink.stream`: one STREAM message per batch, only for the rows whose request streams (the
+        Worker names them in PREDICT's ``stream``); a piece with nothing new and no finish is not sent."""
+        by_batch: dict[Any, list[tuple[int, list[Any], str | None]]] = {}
+        for batch_id, index, outputs, finish in pieces:
+            if index in self.agent.streaming.get(batch_id, ()) and (finish is not None or not _empty(outputs)):
+                by_batch.setdefault(batch_id, []).append((index, outputs, finish))
+        for batch_id, rows in by_batch.items():
+            buffers: list[Any] = []
+            header = {"id": batch_id, "rank": self.agent.rank,
+                      "pieces": [[index, [encode_value(v, buffers) for v in outputs], finish]
+                                 for index, outputs, finish in rows]}
+            self._send(transport.send(self.agent.sock, Kind.STREAM, header, buffers))
+
     def join(self, k: int) -> list[WaitingBatch]:
         if k <= 0:
             return []
@@ -153,8 +177,15 @@ class _Link:
         return batches
 
 
-def init_distributed(cfg: dict[str, Any], rank: int, device_id: int, store_host: str) -> tuple[Any, Any]:
-    """Join the group of this generation; returns (device, tp_group)."""
+def _empty(outputs: list[Any]) -> bool:
+    """A step's outputs with nothing new in them (every value has length 0)."""
+    return all((isinstance(v, (str, bytes)) or getattr(v, "ndim", 0) > 0) and len(v) == 0 for v in outputs)
+
+
+def init_distributed(cfg: dict[str, Any], rank: int, device_id: int, store_host: str) -> tuple[Any, Any, Any]:
+    """Join the group of this generation; returns (device, tp_group, cpu_group). On CUDA the default group is
+    nccl (tensors) and ``cpu_group`` a gloo group of every rank (host-side metadata); on CPU the default group
+    is gloo and ``cpu_group`` None."""
     import torch
     import torch.distributed as dist
 
@@ -167,13 +198,15 @@ def init_distributed(cfg: dict[str, Any], rank: int, device_id: int, store_host:
     prefixed = dist.PrefixStore(f"gen{cfg['generation']}/", store)
     dist.init_process_group("nccl" if use_cuda else "gloo", store=prefixed, rank=rank,
                             world_size=int(cfg["rank_size"]), timeout=timeout)
+    # every rank creates every group, in the same order
+    cpu_group = dist.new_group(backend="gloo") if use_cuda else None
     tp = int(cfg["rank_size"]) // int(cfg["stage_size"])
     tp_group = None
     for stage in range(int(cfg["stage_size"])):  # every rank creates every group, in the same order
         group = dist.new_group(list(range(stage * tp, (stage + 1) * tp))) if tp > 1 else None
         if rank // tp == stage:
             tp_group = group
-    return device, tp_group
+    return device, tp_group, cpu_group
 
 
 class Agent:
@@ -190,9 +223,12 @@ class Agent:
         # batch id -> instances Main gave up on (output rank only; set on the loop, read by the compute thread)
         self.cancelled: dict[Any, set[int]] = {}
         self.stopped: dict[Any, int] = {}  # batch id -> instances the shard stopped early because of it
+        self.streaming: dict[Any, set[int]] = {}  # batch id -> its rows whose request streams (`_Link.stream`)
         self.live: set[Any] = set()  # batches that reached this rank and are not answered yet
         self.shard: ModelShard | None = None
         self.last_ping = time.monotonic()
+        self.running: Any = None  # id of the batch on the compute thread (None: idle)
+        self.last_step = time.monotonic()  # when the running batch started or last completed a step
         self.exit_code: int | None = None
         self.done = asyncio.Event()
 
@@ -204,16 +240,23 @@ class Agent:
     def load(self) -> None:
         import torch
 
-        torch.set_num_threads(int(os.environ.get("SERVABLE_AGENT_THREADS", "1")))
+        threads = int(self.payload.get("threads") or 1)  # the startup process's `Settings.agent_thread_count`
+        torch.set_num_threads(threads)
+        try:  # one compute thread and no inter-op parallel work: no idle inter-op pool
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # only possible before the first inter-op parallel work; keep the default then
+            pass
+        log.info("rank %d uses %d torch threads", self.rank, threads)
         host, _ = transport.parse_address(self.payload["distributed_address"], "distributed")
         t0 = time.perf_counter()
-        device, tp_group = init_distributed(self.cfg, self.rank, self.payload["device_id"],
+        device, tp_group, cpu_group = init_distributed(self.cfg, self.rank, self.payload["device_id"],
                                             "127.0.0.1" if host in ("0.0.0.0", "*") else host)
         log.info("rank %d joined the %s group (generation %d) in %.2f s", self.rank,
                  "nccl" if device.type == "cuda" else "gloo", self.cfg["generation"], time.perf_counter() - t0)
         ctx = ShardContext(rank=self.rank, rank_size=int(self.cfg["rank_size"]),
                            stage_size=int(self.cfg["stage_size"]), model_files=self.payload["model_files"],
-                           device=device, tp_group=tp_group, options=dict(self.cfg.get("shard_options") or {}))
+                           device=device, tp_group=tp_group, cpu_group=cpu_group,
+                           options=dict(self.cfg.get("shard_options") or {}))
         t0 = time.perf_counter()
         log.info("rank %d loading shard '%s' (stage %d, tp rank %d/%d) from %s", self.rank, self.cfg["shard"],
                  ctx.stage, ctx.tp_rank, ctx.tp_size, ctx.model_files)
@@ -262,6 +305,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         batch_id = header.get("id")
         self.live.add(batch_id)
+        if isinstance(header.get("stream"), list):
+            self.streaming[batch_id] = {r for r in header["stream"] if isinstance(r, int)}
         raw = header.get("instances")
         count = len(raw) if isinstance(raw, list) else int(header.get("count", 0))
         try:
@@ -280,6 +325,9 @@ class Agent:
             if not isinstance(exc, (ServingError, ValueError)):
                 log.exception("rank %d failed on a batch", self.rank)
             await self._reply(batch_id, None, exc)
+            if _out_of_step(exc):
+                await self._leave_group(f"rank {self.rank} failed mid-batch ({type(exc).__name__}: {exc}); "
+                                        f"the group re-forms")
         else:
             if outputs is not _SENT:
                 await self._reply(batch_id, outputs, None)
@@ -290,6 +338,7 @@ class Agent:
         reply: dict[str, Any] = {"id": batch_id, "rank": self.rank}
         self.live.discard(batch_id)
         self.cancelled.pop(batch_id, None)
+        self.streaming.pop(batch_id, None)
         stopped = self.stopped.pop(batch_id, 0)
         if stopped:
             reply["cancelled"] = stopped
@@ -297,7 +346,7 @@ class Agent:
             reply["joined"] = True
         buffers: list[Any] = []
         if error is not None:
-            reply["error"] = _error_wire(error)
+            reply["error"] = _error_wire(error, self.rank)
         elif outputs is not None:
             reply["results"] = [{"ok": [encode_value(v, buffers) for v in out]} for out in outputs]
         await transport.send(self.sock, Kind.RESULT, reply, buffers)
@@ -310,6 +359,7 @@ class Agent:
             return _SENT
         link = _Link(self, batch_id, loop)
         self.shard.link = link
+        self.running, self.last_step = batch_id, time.monotonic()
         try:
             outputs = self.shard.predict(waiting.instances)
         except Exception as exc:
@@ -317,19 +367,42 @@ class Agent:
                 link.fail(joined, exc)
             if batch_id in link.done:  # its own reply already left; the failure was logged by the joined ones
                 log.error("rank %d: a batch failed after batch %s completed: %s", self.rank, batch_id, exc)
+                if _out_of_step(exc):
+                    reason = f"rank {self.rank} failed mid-batch ({type(exc).__name__}: {exc}); the group re-forms"
+                    asyncio.run_coroutine_threadsafe(self._leave_group(reason), loop)
                 return _SENT
-            raise
+            raise  # `_predict` answers it, and leaves the group when the ranks may be out of step
         finally:
             self.shard.link = None
+            self.running = None
         return _SENT if batch_id in link.done else outputs
+
+    async def _leave_group(self, reason: str) -> None:
+        """This rank cannot go on in step with its peers: tell the Worker (it fails the batches in flight, naming
+        this rank, and tells every rank to re-join), then exit to be restarted for the next generation."""
+        if self.exit_code is not None:
+            return
+        log.error("%s", reason)
+        try:
+            await asyncio.wait_for(transport.send(self.sock, Kind.FAILED, {"rank": self.rank, "pid": os.getpid(),
+                                                                            "error": reason}), 0.5)
+        except Exception:
+            pass
+        self.finish(EXIT_REJOIN)
 
     async def _watch_worker(self) -> None:
         hb = self.cfg["heartbeat"]
         while True:
             await asyncio.sleep(hb["interval_s"])
-            if time.monotonic() - self.last_ping > hb["timeout_s"]:
+            now = time.monotonic()
+            if now - self.last_ping > hb["timeout_s"]:
                 log.error("rank %d: no heartbeat from the distributed worker for %.1f s", self.rank, hb["timeout_s"])
                 self.finish(EXIT_REJOIN)
+                return
+            step_timeout = float(hb.get("step_timeout_s", 30.0))
+            if self.running is not None and now - self.last_step > step_timeout:
+                await self._leave_group(f"rank {self.rank}: batch {self.running} made no step for {step_timeout:.0f} s "
+                                        f"(a peer rank hung or died inside a collective); the group re-forms")
                 return
 
     async def close(self) -> None:

@@ -93,4 +93,7 @@ class EngineModel(ABC):
                     yield f"{name}.{n}", t
 
     def close(self) -> None:
-        """Release the weights."""
+        """Release the weights (drops every module attribute; a model file may do more)."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.nn.Module):
+                setattr(self, name, None)

@@ -132,6 +132,9 @@ class _NoLink:
     def stream(self, pieces: list[tuple[Any, int, list[Any], str | None]]) -> None:
         pass
 
+    def progress(self) -> None:
+        pass
+
 
 class GenerationEngine:
     """Runs batches of one model on one rank (see the module docstring). ``results`` (output rank) holds the
@@ -162,6 +165,7 @@ class GenerationEngine:
             n = run.size
             plan = self._decide(run, sampler, logits, link) if sampler is not None else None
             plan = self.transfer.broadcast_plan(plan, 2 * n + 2)
+            link.progress()
             tokens, finished = plan[:n], plan[n:2 * n].astype(bool)
             all_done, k_next = bool(plan[-2]), int(plan[-1])
             self._drop(run, sampler, finished, link)
@@ -190,7 +194,8 @@ class GenerationEngine:
         # [status, error text, instance count] per batch: later stages learn the counts here (the batch
         # ``predict`` was called for reaches them without its instances)
         statuses: list[list[Any]] = message.meta["batches"]
-        batches = [WaitingBatch(w.batch_id, w.instances, count, w.arrived) for w, (_, _, count) in zip(batches, statuses)]
+        batches = [WaitingBatch(w.batch_id, w.instances, count, w.arrived)
+                   for w, (_, _, count) in zip(batches, statuses)]
         accepted = [w for w, (status, _, _) in zip(batches, statuses) if status == ACCEPTED]
         if accepted:
             t = message.tensors

@@ -27,6 +27,8 @@ from servable_framework.wire import Kind, unpack
 
 log = logging.getLogger("servable_framework.main")
 
+StreamItem = tuple[Kind, dict[str, Any], Any, Any] | ServingError
+
 
 class WorkerState(str, enum.Enum):
     STARTING = "starting"
@@ -44,9 +46,13 @@ class WorkerHandle:
     state: WorkerState = WorkerState.STARTING
     reason: str = ""
     methods: dict[str, list[str]] = field(default_factory=dict)
+    streaming: set[str] = field(default_factory=set)  # methods declared stream=True
     last_pong: float = field(default_factory=time.monotonic)
     last_ping: float = 0.0
     inflight: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    # streaming requests: request id -> its messages in arrival order ((kind, header, buffers, frames): STREAM
+    # pieces, then the RESULT), or the error that failed them
+    streams: dict[int, asyncio.Queue[StreamItem]] = field(default_factory=dict)
     started: asyncio.Future[None] | None = None
     restarts: int = 0
     request_timeout_s: float | None = None  # the servable's own default, from its REGISTER
@@ -90,7 +96,8 @@ class WorkerSet:
         os.makedirs(self.settings.log_dir, exist_ok=True)
         payload = {**payload, "worker_id": worker_id, "main_address": self.address,
                    "heartbeat": {"interval_s": self.settings.heartbeat_interval_s,
-                                 "timeout_s": self.settings.heartbeat_timeout_s}}
+                                 "timeout_s": self.settings.heartbeat_timeout_s,
+                                 "step_timeout_s": self.settings.step_timeout_s}}
         handle = WorkerHandle(worker_id, payload, os.path.join(self.settings.log_dir, log_name))
         self.workers[worker_id] = handle
         self._launch(handle)
@@ -145,8 +152,16 @@ class WorkerSet:
             fut = handle.inflight.pop(header.get("id", -1), None)
             if fut is not None and not fut.done():
                 fut.set_result((header, buffers, frames))
+            stream = handle.streams.pop(header.get("id", -1), None)
+            if stream is not None:
+                stream.put_nowait((kind, header, buffers, frames))
+        elif kind is Kind.STREAM:
+            stream = handle.streams.get(header.get("id", -1))
+            if stream is not None:
+                stream.put_nowait((kind, header, buffers, frames))
         elif kind is Kind.REGISTER:
             handle.methods = header.get("methods", {})
+            handle.streaming = set(header.get("streaming", []))
             handle.request_timeout_s = header.get("request_timeout_s")
             handle.payload["version"] = int(header.get("version", handle.version))  # 0 resolved to a real one
             handle.state = WorkerState.READY
@@ -177,6 +192,9 @@ class WorkerSet:
             if not fut.done():
                 fut.set_exception(error)
         handle.inflight.clear()
+        for stream in handle.streams.values():
+            stream.put_nowait(error)
+        handle.streams.clear()
 
     # -- monitor --------------------------------------------------------------------------------------------
     async def _monitor_loop(self) -> None:
