@@ -168,9 +168,6 @@ class Qwen2Model(EngineModel):
         assert self.final_norm is not None and self.lm_head is not None
         return self.lm_head(self.final_norm(hidden))
 
-    def close(self) -> None:
-        self.decoder = self.embed = self.final_norm = self.lm_head = None  # type: ignore[assignment]
-
 
 @register_shard("qwen2")
 class Qwen2Shard(EngineShard):

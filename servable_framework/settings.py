@@ -1,7 +1,9 @@
-"""Runtime settings of Main and its Workers (pydantic, units in names). The only module reading env vars.
+"""Runtime settings of Main, its Workers and the Agent startup process (pydantic, units in names). The only
+module reading env vars.
 
 Every field can be set with an environment variable ``SERVABLE_<FIELD>`` (e.g. ``SERVABLE_HEARTBEAT_TIMEOUT_S=3``)
-or in code with `servable_framework.server.set_settings(...)` before ``start_servables``.
+or in code with `servable_framework.server.set_settings(...)` before ``start_servables``. ``agent_threads`` is read
+by the Agent startup process (``startup_agents``, e.g. ``serving_agent.py``) from its own environment.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ class Settings(BaseModel):
     heartbeat_interval_s: float = Field(1.0, gt=0, description="ping period, Main<->Worker and Worker<->Agent")
     heartbeat_timeout_s: float = Field(3.0, gt=0, description="silence after which a peer counts as dead")
     request_timeout_s: float = Field(100.0, gt=0, description="default per-request deadline (REST and ZMQ)")
+    step_timeout_s: float = Field(30.0, gt=0, description="an Agent whose running batch makes no step for this long "
+                                  "(a peer rank hung or died inside a collective) fails it and makes the group "
+                                  "re-form, well before the 120 s torch.distributed timeout")
     cancel_abandoned: bool = Field(True, description="a request past its deadline, or whose REST client hung up, is "
                                    "stopped in the Worker and on the Agents (else it runs on for nobody)")
     max_enqueued_requests: int = Field(10000, ge=1, description="requests admitted at once; above: 503")
@@ -25,6 +30,8 @@ class Settings(BaseModel):
     worker_start_timeout_s: float = Field(600.0, gt=0, description="deadline for a local Worker to register")
     graceful_timeout_s: float = Field(10.0, ge=0, description="drain period on SIGTERM, and SIGTERM->SIGKILL wait")
     log_dir: str = Field("serving_logs", description="Worker logs, relative to the CWD")
+    agent_threads: int = Field(0, ge=0, description="torch intra-op threads of each Agent; 0 (default) shares this "
+                               "host's cores among its local Agents: usable cores // local Agents, at least 1")
 
     @model_validator(mode="after")
     def _timeout_above_interval(self) -> Settings:
@@ -41,3 +48,17 @@ class Settings(BaseModel):
                 values[name] = env
         values.update(overrides)
         return cls.model_validate(values)
+
+    def agent_thread_count(self, local_agents: int) -> int:
+        """Intra-op threads for each of ``local_agents`` Agents started together on this host."""
+        if self.agent_threads:
+            return self.agent_threads
+        return max(1, usable_cores() // max(1, local_agents))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), else all the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1

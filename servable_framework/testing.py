@@ -23,8 +23,9 @@ def free_port() -> int:
 
 def child_env(marker: str, session: str, repo: Path, **extra: str) -> dict[str, str]:
     """The environment for a child: this one, plus the session marker, ``repo`` on PYTHONPATH, one thread
-    per process (torch on 2 cores) and no model hub access; ``extra`` last."""
-    env = {**os.environ, marker: session, "OMP_NUM_THREADS": "1",
+    per process (torch on 2 cores; Agents too: ``SERVABLE_AGENT_THREADS=1`` instead of sharing the host's
+    cores) and no model hub access; ``extra`` last."""
+    env = {**os.environ, marker: session, "OMP_NUM_THREADS": "1", "SERVABLE_AGENT_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.update(extra)

@@ -29,6 +29,7 @@ from servable_framework import procs
 from servable_framework.agent.agent import EXIT_REJOIN
 from servable_framework.agent.worker_link import ServableStopped, WorkerLink
 from servable_framework.logs import setup_logging
+from servable_framework.settings import Settings
 from servable_framework.wire import Kind
 
 log = logging.getLogger("servable_framework.agent_startup")
@@ -78,12 +79,14 @@ class AgentSupervisor:
         self.stopping = threading.Event()
         self.agents: dict[int, _AgentProc] = {}
         self._plan = list(zip(ranks, model_files))
+        # torch threads per Agent: SERVABLE_AGENT_THREADS, else this host's cores shared among its Agents
+        self.threads = Settings.from_env().agent_thread_count(len(ranks))
 
     def _spawn(self, rank: int, files: list[str], restarts: int = 0) -> _AgentProc:
         status_r, status_w = os.pipe()
         device_id = int(self.config["ranks"][rank][1])
         payload = {"rank": rank, "device_id": device_id, "model_files": files, "config": self.config,
-                   "distributed_address": self.address, "status_fd": status_w}
+                   "distributed_address": self.address, "status_fd": status_w, "threads": self.threads}
         name = f"{self.config['servable']}_worker_agent_rank{rank}_device{device_id}"
         try:
             child = procs.spawn("servable_framework.agent", payload, name, extra_fds=[status_w])

@@ -86,6 +86,9 @@ class ScriptedLink:
     def stream(self, pieces) -> None:
         pass
 
+    def progress(self) -> None:
+        pass
+
 
 def run_layout(rank: int, layout: dict, plan: dict, out_dir: Path) -> None:
     from agents.qwen2_5_vl import Qwen25VLShard

@@ -461,9 +461,9 @@ def test_sharded_matches_unsharded_hf(layout, layout_runs, reference, teacher_fo
         assert rep["has_visual"] == first
         assert rep["has_lm_head"] == last
         if last:
-            vocab = rep["vocab_size"]
-            assert rep["head_shape"] == [-(-vocab // tp) if rep["tp_rank"] < tp - 1 else vocab - (tp - 1) * -(-vocab // tp),
-                                         128]
+            vocab, chunk = rep["vocab_size"], -(-rep["vocab_size"] // tp)
+            rows = chunk if rep["tp_rank"] < tp - 1 else vocab - (tp - 1) * chunk
+            assert rep["head_shape"] == [rows, 128]
         assert rep["shapes"]["text.layers.0.self_attn.q_proj.weight"] == [128 // tp, 128]
         assert rep["shapes"]["text.layers.0.self_attn.k_proj.weight"] == [64 // tp, 128]
         assert rep["shapes"]["text.layers.0.self_attn.o_proj.weight"] == [128, 128 // tp]
