@@ -206,3 +206,51 @@ def test_main_stopped_while_agents_rejoin(cluster, when) -> None:
     assert server.wait(30) == 0
     agents.wait(30)  # without the final EXIT to the startup process: 60 s and more
     assert_all_gone()
+
+
+def test_failure_on_one_rank_mid_batch_reforms_the_group(servers, matmul_dir) -> None:
+    """An exception on rank 1 after rank 0 entered a collective (the ranks are out of step) fails that request
+    with an error naming rank 1 within seconds, not after the 120 s group timeout; the group re-forms and the
+    servable answers correctly again without restarting Main."""
+    from tests.support.faulty import TRIGGER
+
+    root = matmul_dir(2)
+    config = root / "matmul" / "servable_config.py"
+    config.write_text(config.read_text().replace('shard="matmul"', 'shard="tests.support.faulty:FaultyMatMulShard"'))
+    server, agents, rest, _ = start_cluster(servers, root, 2, **FAST_HEARTBEAT)
+    rest.wait_ready(server, 120)
+    assert correct(predict(rest))
+    pids = agent_pids(agents)
+    bad = np.ones((8, 96))
+    bad[0, 0] = TRIGGER
+    t0 = time.monotonic()
+    r = rest.post("/model/matmul:predict", {"instances": [{"x": bad.tolist()}]})
+    assert time.monotonic() - t0 < DETECT_S
+    assert r.status_code in (500, 503), r.text
+    assert "rank 1" in r.json()["error_msg"] and "injected fault" in r.json()["error_msg"], r.text
+    wait_until(lambda: rest.is_ready(), 60, "the group to re-form")
+    assert correct(predict(rest))
+    assert set(agent_pids(agents)).isdisjoint(pids)  # every rank re-joined as a new process (a new generation)
+    stop_and_check(server, agents)
+
+
+def test_hung_rank_is_detected_by_the_step_timeout(servers, matmul_dir) -> None:
+    """Rank 1 hangs mid-batch while its process stays alive and answers heartbeats: the batch fails after the
+    step timeout (2 s here, 30 s by default; the torch.distributed timeout is 120 s) with an error naming the
+    rank, and the group re-forms."""
+    from tests.support.faulty import HANG
+
+    root = matmul_dir(2)
+    config = root / "matmul" / "servable_config.py"
+    config.write_text(config.read_text().replace('shard="matmul"', 'shard="tests.support.faulty:FaultyMatMulShard"'))
+    server, agents, rest, _ = start_cluster(servers, root, 2, SERVABLE_STEP_TIMEOUT_S="2", **FAST_HEARTBEAT)
+    rest.wait_ready(server, 120)
+    hung = np.ones((8, 96))
+    hung[0, 0] = HANG
+    t0 = time.monotonic()
+    r = rest.post("/model/matmul:predict", {"instances": [{"x": hung.tolist()}]})
+    assert 2.0 <= time.monotonic() - t0 < 2.0 + DETECT_S, time.monotonic() - t0
+    assert r.status_code == 503 and "made no step for 2 s" in r.json()["error_msg"], r.text
+    wait_until(lambda: rest.is_ready(), 60, "the group to re-form")
+    assert correct(predict(rest))
+    stop_and_check(server, agents)
