@@ -59,9 +59,12 @@ class CheckpointReader:
         """The whole tensor, or only ``[rows[0]:rows[1]]`` along ``dim`` (0 or 1)."""
         sl = self._slice(key)
         if dim is None or rows is None:
-            return sl[:]
-        a, b = rows
-        return sl[a:b] if dim == 0 else sl[:, a:b]
+            out = sl[:]
+        else:
+            a, b = rows
+            out = sl[a:b] if dim == 0 else sl[:, a:b]
+        assert isinstance(out, torch.Tensor)
+        return out
 
     def close(self) -> None:
         self._handles.clear()

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from servable_framework.agent.shard import BatchLink, InStepError, ShardContext, WaitingBatch
+from servable_framework.agent.shard import BatchLink, InstanceValues, InStepError, ShardContext, WaitingBatch
 from servable_framework.engine.kv_cache import SlotKVCache
 from servable_framework.engine.model import EngineModel, Prompt
 from servable_framework.engine.sampling import Sampler, SamplingParams
@@ -354,7 +354,7 @@ class GenerationEngine:
             sampler.keep(keep)
             run.rows = [run.rows[r] for r in keep]
         for key in done:
-            outputs = None
+            outputs: list[InstanceValues] | None = None
             if sampler is not None:
                 rows = run.by_batch.pop(key)
                 result = GenerationResult([r.tokens for r in rows], [r.reason for r in rows],
