@@ -8,6 +8,9 @@ Results: one dict per instance (numpy arrays; a single string -> ``str``; bytes 
 instance is ``{"error": text}``; a whole-request failure returns ``{"error": text}`` instead of a list.
 A server that is down or silent gives ``{"error": "ZMQ Error, (14, 'unavailable'), ..."}`` after
 ``connect_timeout_s`` / ``timeout_s``; calls never block forever. One Client may be used from many threads.
+
+Streaming methods (``register_method(..., stream=True)``): ``for piece in client.infer_stream(instances)``
+yields pieces as the server produces them (see `Client.infer_stream`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zmq
@@ -79,28 +83,95 @@ def _decode_reply(header: dict[str, Any], buffers: Any) -> Reply:
     return out
 
 
+class StreamError(RuntimeError):
+    """`Client.infer_stream` failed: the whole request (refused, timed out, the server unreachable or failing
+    midway; ``errors`` is empty), or some of its instances (``errors``: instance index -> error text; the text
+    of the exception is the first one's). The text is the server's error text (or the client's ``ZMQ Error``)."""
+
+    def __init__(self, message: str, errors: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errors = errors or {}
+
+
+class _Waiter(Protocol):
+    """What a pending request's replies go to (called on the I/O thread)."""
+
+    def deliver(self, kind: Kind, header: dict[str, Any], buffers: Any) -> bool:
+        """Take one message; True when it was the last (the request is over)."""
+
+    def fail(self, text: str) -> None:
+        """The request is over without a reply (unreachable server, deadline)."""
+
+
+class _FutureWaiter:
+    """`infer`: the one RESULT resolves a future."""
+
+    def __init__(self, fut: Future[Reply]) -> None:
+        self.fut = fut
+
+    def deliver(self, kind: Kind, header: dict[str, Any], buffers: Any) -> bool:
+        if kind is not Kind.RESULT:
+            return False
+        self.fut.set_result(_decode_reply(header, buffers))
+        return True
+
+    def fail(self, text: str) -> None:
+        self.fut.set_result({"error": text})
+
+
+_END = object()
+
+
+class _StreamWaiter:
+    """`infer_stream`: pieces and the end go to a queue the caller's generator reads."""
+
+    def __init__(self) -> None:
+        self.items: queue.SimpleQueue[Any] = queue.SimpleQueue()  # piece dicts, StreamError, or _END
+
+    def deliver(self, kind: Kind, header: dict[str, Any], buffers: Any) -> bool:
+        if kind is Kind.STREAM:
+            for raw in header.get("pieces", []):
+                self.items.put(_decode_piece(raw, buffers))
+            return False
+        errors = header.get("error_msg") or []
+        self.items.put(StreamError(errors[0].get("msg", "unknown error")) if errors else _END)
+        return True
+
+    def fail(self, text: str) -> None:
+        self.items.put(StreamError(text))
+
+
+def _decode_piece(raw: dict[str, Any], buffers: Any) -> dict[str, Any]:
+    if "error" in raw:
+        return {"index": raw.get("index"), "error": raw["error"].get("msg", "unknown error")}
+    outputs = {k: decode_value(v, buffers) for k, v in raw.get("outputs", {}).items()}
+    return {"index": raw.get("index"), **outputs, "finish_reason": raw.get("finish")}
+
+
 class _Channel:
     """Owns the DEALER socket in one I/O thread; callers hand requests over a queue (ZMQ sockets are not
-    thread-safe). Replies are matched to futures by request id; deadlines are enforced here."""
+    thread-safe). Replies are matched to waiters by request id; deadlines are enforced here."""
 
     _ids = itertools.count(1)
 
     def __init__(self, endpoint: str, connect_timeout_s: float) -> None:
         self.endpoint = endpoint
         self.connect_timeout_s = connect_timeout_s
-        self.outbox: queue.Queue[tuple[int, list[Any], Future[Reply], float]] = queue.Queue()
-        self.pending: dict[int, tuple[Future[Reply], float]] = {}
+        # (rid, frames, waiter, deadline); waiter None: a message without a reply (CANCEL: forget rid)
+        self.outbox: queue.Queue[tuple[int, list[Any], _Waiter | None, float]] = queue.Queue()
+        self.pending: dict[int, tuple[_Waiter, float]] = {}
         self.wake_r, self.wake_w = os.pipe()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="zmq-client", daemon=True)
         self.thread.start()
 
-    def submit(self, rid: int, frames: list[Any], fut: Future[Reply], deadline: float) -> None:
-        self.outbox.put((rid, frames, fut, deadline))
+    def submit(self, rid: int, frames: list[Any], waiter: _Waiter | None, deadline: float) -> None:
+        self.outbox.put((rid, frames, waiter, deadline))
         os.write(self.wake_w, b"x")
 
     def _run(self) -> None:
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[Any] = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: a down server is noticed
@@ -109,31 +180,37 @@ class _Channel:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self.wake_r, zmq.POLLIN)
-        waiting: list[tuple[int, list[Any], Future[Reply], float, float]] = []  # not yet sent: no connection
+        waiting: list[tuple[int, list[Any], _Waiter | None, float, float]] = []  # not yet sent: no connection
         while not self.closed:
             events = dict(poller.poll(50))
             if self.wake_r in events:
                 os.read(self.wake_r, 4096)
             while not self.outbox.empty():
-                rid, frames, fut, deadline = self.outbox.get_nowait()
-                waiting.append((rid, frames, fut, deadline, time.monotonic() + self.connect_timeout_s))
+                rid, frames, waiter, deadline = self.outbox.get_nowait()
+                if waiter is None:
+                    self.pending.pop(rid, None)  # its caller gave up: no more replies for it
+                waiting.append((rid, frames, waiter, deadline, time.monotonic() + self.connect_timeout_s))
             waiting = [w for w in waiting if not self._try_send(sock, *w)]
             if sock in events:
                 self._receive(sock)
             self._expire()
+        for waiter, _ in self.pending.values():
+            waiter.fail(f"{UNAVAILABLE}, the client was closed")
         sock.close(0)
 
-    def _try_send(self, sock: zmq.Socket, rid: int, frames: list[Any], fut: Future[Reply], deadline: float,
+    def _try_send(self, sock: zmq.Socket, rid: int, frames: list[Any], waiter: _Waiter | None, deadline: float,
                   connect_deadline: float) -> bool:
         try:
             sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             if time.monotonic() < connect_deadline:
                 return False
-            fut.set_result({"error": f"{UNAVAILABLE}, cannot connect to {self.endpoint} within "
-                                     f"{self.connect_timeout_s:g} s; is the server running?"})
+            if waiter is not None:
+                waiter.fail(f"{UNAVAILABLE}, cannot connect to {self.endpoint} within {self.connect_timeout_s:g} s; "
+                            f"is the server running?")
             return True
-        self.pending[rid] = (fut, deadline)
+        if waiter is not None:
+            self.pending[rid] = (waiter, deadline)
         return True
 
     def _receive(self, sock: zmq.Socket) -> None:
@@ -143,19 +220,22 @@ class _Channel:
             except zmq.Again:
                 return
             try:
-                _, header, buffers = unpack([f.buffer for f in frames])
-                entry = self.pending.pop(header.get("id"), None)
-                if entry is not None:
-                    entry[0].set_result(_decode_reply(header, buffers))
+                kind, header, buffers = unpack([f.buffer for f in frames])
+                rid = header.get("id")
+                if not isinstance(rid, int):
+                    continue
+                entry = self.pending.get(rid)
+                if entry is not None and entry[0].deliver(kind, header, buffers):
+                    del self.pending[rid]
             except Exception as exc:
                 del exc
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for rid, (fut, deadline) in list(self.pending.items()):
+        for rid, (waiter, deadline) in list(self.pending.items()):
             if now > deadline:
                 del self.pending[rid]
-                fut.set_result({"error": f"{DEADLINE}, no reply from {self.endpoint} in time"})
+                waiter.fail(f"{DEADLINE}, no reply from {self.endpoint} in time")
 
     def close(self) -> None:
         self.closed = True
@@ -192,9 +272,8 @@ class Client:
         self._channel = _Channel(transport.zmq_endpoint(address, "client").replace("tcp://*", "tcp://127.0.0.1"),
                                  connect_timeout_s)
 
-    def infer_async(self, instances: Any) -> Future[Reply]:
-        """Send without waiting; ``.result()`` on the returned future gives what `infer` returns."""
-        fut: Future[Reply] = Future()
+    def _request(self, instances: Any, stream: bool) -> tuple[int, list[Any]] | str:
+        """(request id, frames) of one request, or the error text when it is over the client's size limit."""
         buffers: list[Any] = []
         items = _instances(instances)
         rid = next(_Channel._ids)
@@ -203,13 +282,67 @@ class Client:
                                   "version": self.version, "instances": encoded}
         if self.timeout_s is not None:
             header["timeout_s"] = self.timeout_s
+        if stream:
+            header["stream"] = True
         size = sum(len(memoryview(b)) for b in buffers)
         if size > CLIENT_MAX_BYTES:
-            fut.set_result({"error": f"{RESOURCE_EXHAUSTED}, request of {size} bytes is over the client limit"})
+            return f"{RESOURCE_EXHAUSTED}, request of {size} bytes is over the client limit"
+        return rid, pack(Kind.PREDICT, header, buffers)
+
+    def _deadline(self) -> float:
+        return time.monotonic() + (self.timeout_s + 1.0 if self.timeout_s is not None else self.LOCAL_TIMEOUT_S)
+
+    def infer_async(self, instances: Any) -> Future[Reply]:
+        """Send without waiting; ``.result()`` on the returned future gives what `infer` returns."""
+        fut: Future[Reply] = Future()
+        request = self._request(instances, stream=False)
+        if isinstance(request, str):
+            fut.set_result({"error": request})
             return fut
-        local = self.timeout_s + 1.0 if self.timeout_s is not None else self.LOCAL_TIMEOUT_S
-        self._channel.submit(rid, pack(Kind.PREDICT, header, buffers), fut, time.monotonic() + local)
+        self._channel.submit(*request, _FutureWaiter(fut), self._deadline())
         return fut
+
+    def infer_stream(self, instances: Any) -> Iterator[dict[str, Any]]:
+        """Run ``instances`` (as `infer`) on a method declared ``stream=True``, yielding pieces as they come:
+        ``{"index": i, <output>: <new part>, ..., "finish_reason": None}``, where the new part of a str output
+        is the text added since the last piece (joined, the pieces of an output equal `infer`'s output), then,
+        as each instance's last piece, the same with ``"finish_reason"`` set (``"eos"``, ``"length"``,
+        ``"stop"``, ``"cancelled"``, or ``"done"`` when the model did not say). The iteration ends after the
+        last piece of every instance.
+
+        Raises:
+            StreamError: at once when the whole request fails (also midway: the pieces already yielded stand),
+                including a method that does not stream, an unreachable server and ``timeout_s`` (for the whole
+                stream); at the end when some instances failed (``errors``; the others' pieces were yielded).
+
+        Leaving the loop early (``break``, closing the generator) tells the server to cancel the request.
+        """
+        request = self._request(instances, stream=True)
+        if isinstance(request, str):
+            raise StreamError(request)
+        rid, frames = request
+        waiter = _StreamWaiter()
+        self._channel.submit(rid, frames, waiter, self._deadline())
+        done = False
+        errors: dict[int, str] = {}
+        try:
+            while True:
+                item = waiter.items.get()
+                if item is _END:
+                    done = True
+                    if errors:
+                        raise StreamError(errors[min(errors)], errors)
+                    return
+                if isinstance(item, StreamError):
+                    done = True
+                    raise item
+                if "error" in item:
+                    errors[item["index"]] = item["error"]
+                    continue
+                yield item
+        finally:
+            if not done and not self._channel.closed:  # the caller stopped early: cancel it on the server
+                self._channel.submit(rid, pack(Kind.CANCEL, {"id": rid}), None, 0.0)
 
     def infer(self, instances: Any) -> Reply:
         """Run ``instances`` (one dict or a list of dicts: input name -> numpy array / str / bytes / scalar)."""

@@ -52,6 +52,7 @@ class Kind(bytes, enum.Enum):
     PREDICT = b"P"  # a request (or a batch) to run
     RESULT = b"r"  # its answer
     CANCEL = b"K"  # main -> worker -> output rank: the caller gave up on this request (rows of this batch)
+    STREAM = b"s"  # output rank -> worker -> main -> ZMQ client: new outputs of streaming instances, ahead of RESULT
 
 
 def encode_value(value: Value, buffers: list[Frame]) -> dict[str, Any]:

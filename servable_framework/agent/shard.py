@@ -144,6 +144,9 @@ class BatchLink(Protocol):
     def stopped(self, batch_id: int, index: int) -> None:
         """Output rank: instance ``index`` of ``batch_id`` was finished early because it was cancelled."""
 
+    def progress(self) -> None:
+        """Every rank: a step completed (the Agent's watchdog fails a batch that stops making steps)."""
+
     def stream(self, pieces: list[tuple[int, int, InstanceValues, str | None]]) -> None:
         """Output rank, optional, at most once per step: ``(batch_id, index, outputs, finish)`` for running
         instances, where ``outputs`` holds only the NEW model outputs of this step (for an LLM

@@ -32,6 +32,8 @@ class SlotKVCache:
         self.values: list[torch.Tensor] = []
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=device)
         self.lengths: list[int] = []  # per running row (host side: shapes are decided on the host)
+        # the same on the device, kept in step by decode (+1) so that a step copies nothing host -> device
+        self._lengths_dev: torch.Tensor | None = None
         self._grow(slots, capacity)
 
     @property
@@ -66,6 +68,7 @@ class SlotKVCache:
     def clear(self) -> None:
         """No running rows (the buffers stay allocated for the next batch)."""
         self.lengths = []
+        self._lengths_dev = None
 
     def prefill(self, valid: torch.Tensor) -> CacheView:
         """Append ``B`` rows whose prompts (left-padded to ``T``) are about to be prefilled together;
@@ -77,6 +80,7 @@ class SlotKVCache:
         self.valid[rows] = False
         self.valid[rows, :width] = valid
         self.lengths.extend([width] * count)
+        self._lengths_dev = None
         causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
         mask = causal[None] & valid[:, None, :]
         # a padding query attends to itself only: finite garbage that no real token ever reads (an all-masked
@@ -89,15 +93,19 @@ class SlotKVCache:
         width = max(self.lengths) + 1
         self._grow(self.rows, width)
         n = self.rows
-        cols = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
+        cols = self._lengths_dev
+        if cols is None:
+            cols = torch.tensor(self.lengths, dtype=torch.long).to(self.device, non_blocking=True)
         index = torch.arange(n, device=self.device)
         self.valid[index, cols] = True
         self.lengths = [length + 1 for length in self.lengths]
+        self._lengths_dev = cols + 1
         mask = self.valid[:n, :width][:, None, None, :]
         return CacheView(self, slice(0, n), (index, cols), width, mask)
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (indices of running rows, ascending); they move down to slots 0..len-1."""
+        self._lengths_dev = None
         if list(rows) == list(range(len(rows))):
             self.lengths = self.lengths[:len(rows)]
             return

@@ -87,6 +87,14 @@ class _Row:
         return delta
 
 
+def _to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host values to ``device`` without waiting for the device (pinned memory, asynchronous copy on CUDA)."""
+    t = torch.from_numpy(np.ascontiguousarray(values))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 class _Running:
     """Every rank: the rows in row order (= KV slot order), who they belong to, how many each batch has left."""
 
@@ -291,7 +299,7 @@ class GenerationEngine:
         ctx, model = self.ctx, self.model
         if ctx.is_first_stage:
             assert run.next_positions is not None
-            hidden, positions = model.embed_decode(torch.from_numpy(tokens).to(model.device), run.next_positions)
+            hidden, positions = model.embed_decode(_to_device(tokens, model.device), run.next_positions)
             run.next_positions = run.next_positions + 1
         else:
             message = self.transfer.recv((StageKind.DECODE,))

@@ -65,7 +65,7 @@ class Sampler:
         self.device = device
         self.params: list[SamplingParams] = []
         self.generators: list[torch.Generator | None] = []
-        self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def add(self, params: Sequence[SamplingParams]) -> None:
         """Append rows."""
@@ -80,12 +80,15 @@ class Sampler:
         self.generators = [self.generators[i] for i in rows]
         self._tensors = None
 
-    def _row_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _row_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(temperature, top_p, top_k, greedy) per row on the device; rebuilt only when the rows change, so a
+        decode step copies nothing from the host."""
         if self._tensors is None:
             temps = [p.temperature if p.temperature > 0 else 1.0 for p in self.params]
             self._tensors = (torch.tensor(temps, dtype=torch.float32, device=self.device),
                              torch.tensor([p.top_p for p in self.params], dtype=torch.float32, device=self.device),
-                             torch.tensor([p.top_k for p in self.params], dtype=torch.int64, device=self.device))
+                             torch.tensor([p.top_k for p in self.params], dtype=torch.int64, device=self.device),
+                             torch.tensor([p.temperature == 0 for p in self.params], device=self.device))
         return self._tensors
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
@@ -95,7 +98,7 @@ class Sampler:
         greedy_rows = [p.temperature == 0 for p in self.params]
         if all(greedy_rows):
             return greedy
-        temps, top_p, top_k = self._row_tensors()
+        temps, top_p, top_k, greedy_mask = self._row_tensors()
         scores = logits / temps[:, None]
         k_max = max((p.top_k for p in self.params if p.top_k > 0), default=0)  # host side: no device sync
         scores = _filter(scores, top_k if k_max else None, k_max,
@@ -106,8 +109,7 @@ class Sampler:
             if gen is not None and not greedy_rows[row]:
                 noise[row].exponential_(generator=gen)
         sampled = torch.argmax(probs / noise, dim=-1)
-        mask = torch.tensor(greedy_rows, device=self.device)
-        return torch.where(mask, greedy, sampled)
+        return torch.where(greedy_mask, greedy, sampled)
 
 
 def _filter(scores: torch.Tensor, top_k: torch.Tensor | None, k_max: int, top_p: torch.Tensor | None

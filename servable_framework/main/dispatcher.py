@@ -1,15 +1,19 @@
 """Main's data plane: route a request to a READY Worker of its servable/version and await the answer.
 
-Both front ends (REST and ZMQ) call `Dispatcher.predict`; admission control (queue limit, instance
-limit), version selection, timeouts and the "not available" errors of contract §8.6 live here only.
+Both front ends (REST and ZMQ) call `Dispatcher.predict` (or `Dispatcher.predict_stream`); admission control
+(queue limit, instance limit), version selection, timeouts and the "not available" errors of contract §8.6
+live here only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
+from servable_framework import transport
 from servable_framework.errors import (
     InvalidInput,
     NotFound,
@@ -18,11 +22,25 @@ from servable_framework.errors import (
     ServingError,
     Unavailable,
 )
-from servable_framework.main.workers import WorkerHandle, WorkerSet, WorkerState
+from servable_framework.main.workers import StreamItem, WorkerHandle, WorkerSet, WorkerState
 from servable_framework.settings import Settings
 from servable_framework.wire import Instance, Kind, decode_value, encode_instances
+from servable_framework.worker.streaming import not_streaming
 
 Result = Instance | ServingError
+
+
+@dataclass
+class StreamPiece:
+    """One piece of a streaming request: for instance ``index``, the new part of each output (see
+    `servable_framework.worker.streaming`) and, on its last piece, ``finish`` (the model's reason: ``"eos"``,
+    ``"length"``, ``"stop"``, ``"cancelled"``, or ``"done"`` when the model did not say); or ``error``, which
+    ended that instance (also its last piece)."""
+
+    index: int
+    outputs: Instance
+    finish: str | None = None
+    error: ServingError | None = None
 
 
 class Dispatcher:
@@ -56,11 +74,10 @@ class Dispatcher:
             raise Unavailable(f"{self._spec(servable, method, version)} , servable is not available: {reasons}")
         if method not in ready[0].methods:
             raise NotFound(f"{self._spec(servable, method, version)} , method is not available")
-        return min(ready, key=lambda h: len(h.inflight))
+        return min(ready, key=lambda h: len(h.inflight) + len(h.streams))
 
-    async def predict(self, servable: str, method: str, version: int, instances: list[Instance],
-                      timeout_s: float | None = None) -> list[Result]:
-        """Run one request; returns one result (outputs or error) per instance, in order."""
+    def _admit(self, servable: str, method: str, version: int, instances: list[Instance]) -> WorkerHandle:
+        """Count the request and pick its Worker, or raise the error that refuses it."""
         self.stats["requests"] += 1
         if self.draining:
             raise Unavailable("Serving Error: server is shutting down")
@@ -79,8 +96,22 @@ class Dispatcher:
                 if name not in inst:
                     raise InvalidInput(f"Cannot find input {name} in instance input , servable {servable}, "
                                        f"method {method}")
+        return handle
+
+    def _started(self) -> None:
         self.inflight += 1
         self.idle.clear()
+
+    def _ended(self) -> None:
+        self.inflight -= 1
+        if not self.inflight:
+            self.idle.set()
+
+    async def predict(self, servable: str, method: str, version: int, instances: list[Instance],
+                      timeout_s: float | None = None) -> list[Result]:
+        """Run one request; returns one result (outputs or error) per instance, in order."""
+        handle = self._admit(servable, method, version, instances)
+        self._started()
         try:
             timeout = timeout_s or handle.request_timeout_s or self.settings.request_timeout_s
             return await self._call(handle, method, instances, timeout)
@@ -88,9 +119,63 @@ class Dispatcher:
             self.stats["errors"] += 1
             raise
         finally:
-            self.inflight -= 1
-            if not self.inflight:
-                self.idle.set()
+            self._ended()
+
+    async def predict_stream(self, servable: str, method: str, version: int, instances: list[Instance],
+                             timeout_s: float | None = None) -> AsyncIterator[StreamPiece]:
+        """Run one request of a ``stream=True`` method, yielding its pieces as the Worker sends them: every
+        instance ends with exactly one piece with ``finish`` or ``error``, then the iteration ends. Raises the
+        error that refuses or fails the whole request (the deadline covers the whole stream). A caller that
+        stops early (``aclose``, a cancelled task) cancels the request in the Worker and on the Agents, as a
+        timed-out one is (no await happens on that path: safe inside a cancelled scope)."""
+        handle = self._admit(servable, method, version, instances)
+        if method not in handle.streaming:
+            raise not_streaming(servable, method)
+        self._started()
+        request_id = next(self._ids)
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+        handle.streams[request_id] = queue
+        finished = False
+        loop = asyncio.get_running_loop()
+        timeout = timeout_s or handle.request_timeout_s or self.settings.request_timeout_s
+        deadline = loop.time() + timeout
+        try:
+            buffers: list[Any] = []
+            header = {"id": request_id, "method": method, "instances": encode_instances(instances, buffers),
+                      "stream": True}
+            await self.workers.send(handle, Kind.PREDICT, header, buffers)
+            while True:
+                try:
+                    item = queue.get_nowait() if not queue.empty() else \
+                        await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise RequestTimeout(f"Request timed out after {timeout:g} s") from None
+                if isinstance(item, ServingError):  # the Worker died or became unavailable
+                    finished = True
+                    raise item
+                kind, reply, out_buffers, _frames = item
+                if kind is Kind.RESULT:
+                    finished = True
+                    if "error" in reply:
+                        raise ServingError.from_wire(reply["error"])
+                    return
+                for raw in reply.get("pieces", []):
+                    yield _decode_piece(raw, out_buffers)
+        except ServingError:
+            self.stats["errors"] += 1
+            raise
+        finally:
+            handle.streams.pop(request_id, None)
+            if not finished and self.settings.cancel_abandoned:
+                transport.spawn(self._cancel(handle, request_id))
+            self._ended()
+
+    async def _cancel(self, handle: WorkerHandle, request_id: int) -> None:
+        """Tell the Worker to stop what it can of an abandoned request (best effort)."""
+        try:
+            await self.workers.send(handle, Kind.CANCEL, {"id": request_id})
+        except Exception:
+            pass
 
     async def _call(self, handle: WorkerHandle, method: str, instances: list[Instance],
                     timeout_s: float) -> list[Result]:
@@ -135,3 +220,18 @@ class Dispatcher:
                                      "reason": h.reason})
             entry["ready"] = entry["ready"] or h.state is WorkerState.READY
         return out
+
+
+def _decode_piece(raw: Any, buffers: Any) -> StreamPiece:
+    """One piece of a Worker's STREAM message (see `servable_framework.worker.worker._StreamSender`)."""
+    index = raw.get("index") if isinstance(raw, dict) else None
+    if not isinstance(index, int):
+        raise ServingError("malformed stream piece from the worker")
+    if "error" in raw:
+        return StreamPiece(index, {}, error=ServingError.from_wire(raw["error"]))
+    try:
+        outputs = {k: decode_value(v, buffers) for k, v in raw.get("outputs", {}).items()}
+    except ServingError as exc:
+        return StreamPiece(index, {}, error=exc)
+    finish = raw.get("finish")
+    return StreamPiece(index, outputs, finish if isinstance(finish, str) else None)

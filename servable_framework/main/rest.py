@@ -4,20 +4,35 @@ Routes: ``POST /model/{servable}[/version/{n}]:{method}`` (MindSpore's URL and J
 (process alive), ``GET /ready`` (every servable has a READY Worker; 503 otherwise), ``GET /metrics``
 (Prometheus text). Errors become ``{"error_msg": ...}`` with a meaningful HTTP status in exactly one
 place, `_error_response`; per-instance errors keep HTTP 200, as the other instances succeeded.
+
+Streaming (a method declared ``stream=True``, asked with ``Accept: text/event-stream``): Server-Sent Events,
+one per piece, once the first piece with outputs is there; a request that fails before it is answered exactly
+as the non-streaming form would be (status code and body). Events (``data:`` is one line of JSON)::
+
+    data: {"index": 0, "text": "Hel", "finish_reason": null}        the new part of every output of instance 0
+    data: {"index": 0, "text": "lo", "finish_reason": "length"}     its last piece: eos|length|stop|cancelled|done
+    event: error
+    data: {"index": 1, "error_msg": "..."}                          instance 1 failed (its last event)
+    event: error
+    data: {"error_msg": "..."}                                      the whole request failed: the stream ends
+
+The response ends after the last event of every instance. A client that hangs up cancels the request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from servable_framework.errors import (
     ClientClosedRequest,
@@ -27,18 +42,27 @@ from servable_framework.errors import (
     PayloadTooLarge,
     ServingError,
 )
-from servable_framework.main.dispatcher import Dispatcher
-from servable_framework.main.rest_codec import encode_error, encode_results, parse_body, parse_url
+from servable_framework.main.dispatcher import Dispatcher, Result, StreamPiece
+from servable_framework.main.rest_codec import encode_error, encode_outputs, encode_results, parse_body, parse_url
 
 log = logging.getLogger("servable_framework.rest")
 
 TIMEOUT_HEADER = "x-request-timeout-s"
+EVENT_STREAM = "text/event-stream"
 T = TypeVar("T")
 
 
 def _error_response(exc: ServingError) -> Response:
     headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
     return JSONResponse(encode_error(exc), status_code=exc.http_status, headers=headers)
+
+
+def _results_response(results: list[Result]) -> Response:
+    body_out = encode_results(results)
+    if "instances" not in body_out:  # every instance failed the same way: a whole-request error
+        first = next(r for r in results if isinstance(r, ServingError))
+        return JSONResponse(body_out, status_code=first.http_status)
+    return JSONResponse(body_out)
 
 
 def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
@@ -50,6 +74,10 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
             body = await _read_limited(request, max_msg_bytes)
             instances = parse_body(body)
             timeout = _timeout(request)
+            if EVENT_STREAM in request.headers.get("accept", "").lower():
+                stream = dispatcher.predict_stream(target.servable, target.method, target.version, instances,
+                                                   timeout)
+                return await _stream_response(request, stream, len(instances))
             results = await _unless_client_leaves(
                 request, dispatcher.predict(target.servable, target.method, target.version, instances, timeout))
         except ServingError as exc:
@@ -57,11 +85,7 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
         except Exception as exc:  # a bug: log it, answer 500 in the contract's shape, keep serving
             log.exception("unexpected error on %s", request.url.path)
             return _error_response(ServingError(f"Serving Error: internal error: {type(exc).__name__}"))
-        body_out = encode_results(results)
-        if "instances" not in body_out:  # every instance failed the same way: a whole-request error
-            first = next(r for r in results if isinstance(r, ServingError))
-            return JSONResponse(body_out, status_code=first.http_status)
-        return JSONResponse(body_out)
+        return _results_response(results)
 
     async def health(_: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -90,6 +114,75 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
         return JSONResponse({"error_msg": text}, status_code=status)
 
     return Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
+
+
+async def _stream_response(request: Request, stream: AsyncIterator[StreamPiece], count: int) -> Response:
+    """SSE from the first piece with outputs on; until then (errors of single instances are kept) a request
+    that fails or ends is answered as the non-streaming form would be, with its status code."""
+    early: list[StreamPiece] = []
+
+    async def first() -> StreamPiece | None:
+        async for piece in stream:
+            if piece.error is None:
+                return piece
+            early.append(piece)
+        return None
+
+    head = await _unless_client_leaves(request, first())
+    if head is None:  # every instance failed before any output
+        results: list[Result] = [ServingError("the instance ended without outputs")] * count
+        for piece in early:
+            if piece.error is not None and 0 <= piece.index < count:
+                results[piece.index] = piece.error
+        return _results_response(results)
+    return _EventStream(_events([*early, head], stream), media_type=EVENT_STREAM,
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that always closes its iterator, also when the client hung up mid-stream (Starlette
+    cancels the sending task then), so the request is cancelled at once rather than when it is collected."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _events(head: list[StreamPiece], stream: AsyncIterator[StreamPiece]) -> AsyncIterator[bytes]:
+    try:
+        for piece in head:
+            yield _event(piece)
+        async for piece in stream:
+            yield _event(piece)
+    except ServingError as exc:
+        yield _sse({"error_msg": exc.message}, "error")
+    except Exception as exc:  # a bug: the 200 is gone, say it in the stream
+        log.exception("unexpected error in a stream")
+        yield _sse({"error_msg": f"Serving Error: internal error: {type(exc).__name__}"}, "error")
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _event(piece: StreamPiece) -> bytes:
+    if piece.error is None:
+        try:
+            return _sse({"index": piece.index, **encode_outputs(piece.outputs), "finish_reason": piece.finish})
+        except ServingError as exc:
+            piece = StreamPiece(piece.index, {}, error=exc)
+    assert piece.error is not None
+    return _sse({"index": piece.index, "error_msg": piece.error.message}, "error")
+
+
+def _sse(data: dict[str, Any], event: str | None = None) -> bytes:
+    """One Server-Sent Event: an optional ``event:`` line, one ``data:`` line of JSON, a blank line."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "").encode() + b"data: " + text.encode() + b"\n\n"
 
 
 async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T:

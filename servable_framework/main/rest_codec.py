@@ -526,6 +526,12 @@ def encode_results(results: Sequence[Instance | ServingError]) -> dict[str, Any]
     return {"instances": [{"error_msg": message} if message is not None else body for body, message in entries]}
 
 
+def encode_outputs(outputs: Instance) -> dict[str, Any]:
+    """One instance's outputs as JSON values, as in a reply's ``instances``. Raises `ServingError` for a value
+    that has no JSON form."""
+    return {name: _encode_value(name, value) for name, value in outputs.items()}
+
+
 def encode_error(err: ServingError) -> dict[str, Any]:
     """The whole-request error body ``{"error_msg": text}``."""
     return {"error_msg": err.message}

@@ -6,6 +6,12 @@ Reply: ``[client-id, RESULT, header, buf...]`` with ``{"id", "instances": [...],
 MindSpore's three-way error semantics (contract §9): an empty list = all ok; one entry and no instances =
 the whole request failed; otherwise one entry per instance, ``code`` 0 = that instance is ok.
 Malformed or oversize messages get an error reply (when they carry a client id) and change nothing else.
+
+Streaming (``"stream": true`` in the request, a method declared ``stream=True``): STREAM messages
+``{"id", "pieces": [{"index", "outputs": {name: descriptor}, "finish": reason | None} | {"index", "error":
+{"code", "kind", "msg"}}]}`` as pieces come (see `Dispatcher.predict_stream`), then one RESULT ``{"id",
+"error_msg": []}`` when every instance has had its last piece, or ``{"id", "error_msg": [entry]}`` when the
+whole request failed. ``[client-id, CANCEL, {"id"}]`` from the client stops its stream (no reply).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import zmq.asyncio
 from servable_framework import transport
 from servable_framework.errors import InvalidInput, PayloadTooLarge, ServingError
 from servable_framework.main.dispatcher import Dispatcher, Result
-from servable_framework.wire import Kind, decode_instances, encode_value, unpack
+from servable_framework.wire import Instance, Kind, decode_instances, encode_value, unpack
 
 log = logging.getLogger("servable_framework.zmq")
 
@@ -45,6 +51,7 @@ class ZmqFrontend:
         self.sock.bind(transport.zmq_endpoint(address, "Serving gRPC"))
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._streams: dict[tuple[bytes, Any], asyncio.Task[Any]] = {}  # (client, request id) -> its task
 
     def run(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -66,6 +73,11 @@ class ZmqFrontend:
             request_id = header.get("id")
             if size > self.max_msg_bytes:
                 raise PayloadTooLarge(f"resource exhausted: message size {size} is bigger than {self.max_msg_bytes}")
+            if kind is Kind.CANCEL:
+                task = self._streams.get((client, request_id))
+                if task is not None:
+                    task.cancel()
+                return
             if kind is not Kind.PREDICT:
                 raise InvalidInput(f"unexpected message kind {kind.name}")
             servable, method, version = header.get("servable"), header.get("method"), header.get("version", 0)
@@ -77,6 +89,9 @@ class ZmqFrontend:
             if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
                 raise InvalidInput(f"invalid timeout_s {timeout!r}")
             instances = decode_instances(header.get("instances"), buffers)
+            if header.get("stream") is True:
+                await self._stream(client, request_id, servable, method, version, instances, timeout)
+                return
             results = await self.dispatcher.predict(servable, method, version, instances, timeout)
         except ServingError as exc:
             await self._reply(client, {"id": request_id, "error_msg": [error_entry(exc)]}, [])
@@ -88,9 +103,34 @@ class ZmqFrontend:
         header_out, buffers_out = encode_results(request_id, results)
         await self._reply(client, header_out, buffers_out)
 
-    async def _reply(self, client: bytes, header: dict[str, Any], buffers: list[Any]) -> None:
+    async def _stream(self, client: bytes, request_id: Any, servable: str, method: str, version: int,
+                      instances: list[Instance], timeout: float | None) -> None:
+        """Relay the pieces of one streaming request; errors of the whole request propagate to `_handle`."""
+        key = (client, request_id)
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams[key] = task
         try:
-            await transport.send(self.sock, Kind.RESULT, header, buffers, to=client)
+            async for piece in self.dispatcher.predict_stream(servable, method, version, instances, timeout):
+                buffers: list[Any] = []
+                item: dict[str, Any] = {"index": piece.index}
+                try:
+                    if piece.error is not None:
+                        raise piece.error
+                    item["outputs"] = {k: encode_value(v, buffers) for k, v in piece.outputs.items()}
+                    item["finish"] = piece.finish
+                except ServingError as exc:
+                    item = {"index": piece.index, "error": error_entry(exc)}
+                    buffers = []
+                await self._reply(client, {"id": request_id, "pieces": [item]}, buffers, Kind.STREAM)
+        finally:
+            self._streams.pop(key, None)
+        await self._reply(client, {"id": request_id, "error_msg": []}, [])
+
+    async def _reply(self, client: bytes, header: dict[str, Any], buffers: list[Any],
+                     kind: Kind = Kind.RESULT) -> None:
+        try:
+            await transport.send(self.sock, kind, header, buffers, to=client)
         except zmq.ZMQError as exc:
             log.warning("could not answer a ZMQ client: %s", exc)
 

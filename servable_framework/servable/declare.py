@@ -297,7 +297,10 @@ def _record_function_io(func: Callable[..., Any], n_in: int, n_out: int, batched
     spec.functions[name] = (n_in, n_out, batched)
 
 
-def register_method(output_names: str | list[str] | tuple[str, ...]) -> Callable[[F], F]:
+STREAM_RESERVED = ("index", "finish_reason", "error_msg")  # keys of a stream event beside the output names
+
+
+def register_method(output_names: str | list[str] | tuple[str, ...], stream: bool = False) -> Callable[[F], F]:
     """Decorator: register the decorated function as a method; its parameter names are the input names.
 
     The function body runs once now, with placeholders, to record its stages; ordinary Python control flow
@@ -306,13 +309,25 @@ def register_method(output_names: str | list[str] | tuple[str, ...]) -> Callable
 
     Beyond MindSpore: a parameter with a default (None, str, int, float or bool) is an *optional* input; a
     request may omit it and stage functions then receive the default as is.
+
+    ``stream=True`` (beyond MindSpore) lets a client ask for the outputs piece by piece as the model produces
+    them (REST ``Accept: text/event-stream``, ``Client.infer_stream``); asked for normally the method behaves as
+    any other. The stages after the distributed model then run again on each instance's model outputs so far
+    (arrays concatenated along axis 0) and only what is new is sent, so they must be *prefix-stable*: their
+    output for a prefix of the model outputs is a prefix of their output for the whole (a str that ends with
+    U+FFFD is held back until more comes: a multi-byte character split across tokens). See
+    `servable_framework.worker.streaming`.
     """
     names = checks.check_str_list("output_names", output_names)
+    checks.check_bool("stream", stream)
+    if stream and any(n in STREAM_RESERVED for n in names):
+        raise RuntimeError(f"a stream method cannot have an output named {', '.join(STREAM_RESERVED)}: "
+                           f"stream events carry these keys beside the outputs")
 
     def deco(func: F) -> F:
         builder = current_builder()
         method = MethodSpec(name=func.__name__, input_names=_input_names(func), output_names=names,
-                            defaults=_defaults(func))
+                            defaults=_defaults(func), stream=stream)
         if method.name in builder.spec.methods:
             raise RuntimeError(f"Method {method.name} has been registered more than once.")
         builder.method = method

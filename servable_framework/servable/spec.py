@@ -85,6 +85,7 @@ class MethodSpec:
     stages: list[StageSpec] = field(default_factory=list)
     returns: list[TensorDef] = field(default_factory=list)
     defaults: dict[str, Any] = field(default_factory=dict)  # optional inputs -> value used when absent
+    stream: bool = False  # `register_method(stream=True)`: a client may ask for its outputs piece by piece
 
     @property
     def required_inputs(self) -> list[str]:

@@ -35,6 +35,7 @@ from servable_framework.errors import ServingError, StartupError, Unavailable
 from servable_framework.rank_table import RankInfo, check_against_declaration, parse_rank_table
 from servable_framework.servable.spec import ModelSpec, ServableSpec
 from servable_framework.wire import Kind, Value, decode_value, encode_value, unpack
+from servable_framework.worker.batcher import PieceSink
 from servable_framework.worker.cancel import CancelToken
 
 log = logging.getLogger("servable_framework.agents")
@@ -163,6 +164,10 @@ class AgentPool:
             batch = self.pending.get(header.get("id", -1))
             if batch is not None:
                 batch.on_reply(header, buffers)
+        elif kind is Kind.STREAM:
+            batch = self.pending.get(header.get("id", -1))
+            if batch is not None:
+                batch.on_stream(header, buffers)
         elif kind in (Kind.FAILED, Kind.EXIT):
             what = "failed" if kind is Kind.FAILED else "exited"
             who = f"Agent rank {rank}" if isinstance(rank, int) else "Agent startup process"
@@ -254,26 +259,33 @@ class AgentPool:
     # -- data plane -----------------------------------------------------------------------------------------
     async def predict(self, instances: list[list[Value]],
                       on_result: Callable[[int, list[Value]], None] | None = None,
-                      cancels: list[CancelToken | None] | None = None) -> list[list[Value] | ServingError]:
+                      cancels: list[CancelToken | None] | None = None,
+                      pieces: list[PieceSink | None] | None = None) -> list[list[Value] | ServingError]:
         """Run one batch on every rank. ``on_result(i, outputs)`` is called as soon as the output rank
         reports instance i complete (before the whole batch is), when the shard emits early results.
         Cancelling ``cancels[i]`` tells the output rank to stop instance i (a shard that decodes step by step
-        finishes it at the next step; its output is then partial and nobody reads it)."""
+        finishes it at the next step; its output is then partial and nobody reads it). ``pieces[i]``, when
+        given, receives what the shard streams for instance i (`BatchLink.stream`); the Agents are told which
+        instances stream, and send nothing for the others."""
         if self.state is not PoolState.READY:
             raise Unavailable(f"servable is not available: {self.failure or 'agents are not ready'}")
         batch_id = next(self._ids)
-        batch = _Batch(self.dist.rank_size, len(instances), on_result)
+        batch = _Batch(self.dist.rank_size, len(instances), on_result, pieces)
         self.pending[batch_id] = batch
         buffers: list[Any] = []
         encoded = [[encode_value(v, buffers) for v in inst] for inst in instances]
         tp = self.dist.tp_size
+        extra: dict[str, Any] = {}
+        if pieces is not None and any(p is not None for p in pieces):
+            extra["stream"] = [i for i, p in enumerate(pieces) if p is not None]
         try:
             for rank in range(self.dist.rank_size):
                 agent = self.agents[rank]
                 if rank < tp:  # stage 0 gets the inputs; later stages get them from upstream
-                    await self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "instances": encoded}, buffers)
+                    await self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "instances": encoded, **extra},
+                                     buffers)
                 else:
-                    await self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "count": len(instances)})
+                    await self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "count": len(instances), **extra})
             loop = asyncio.get_running_loop()
             for index, token in enumerate(cancels or []):
                 if token is not None:
@@ -307,8 +319,10 @@ class _Batch:
     """Collects the replies of every rank for one batch; the output rank's carries the outputs."""
 
     def __init__(self, rank_size: int, count: int,
-                 on_result: Callable[[int, list[Value]], None] | None = None) -> None:
+                 on_result: Callable[[int, list[Value]], None] | None = None,
+                 pieces: list[PieceSink | None] | None = None) -> None:
         self.on_result = on_result
+        self.pieces = pieces
         self.waiting = set(range(rank_size))
         self.count = count
         self.outputs: list[list[Value] | ServingError] | None = None
@@ -348,6 +362,22 @@ class _Batch:
             else:
                 self.future.set_result(self.outputs)
 
+    def on_stream(self, header: dict[str, Any], buffers: Any) -> None:
+        """``{"pieces": [[index, [value, ...], finish], ...]}`` from the output rank: hand each to its sink."""
+        for item in header.get("pieces", []):
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int)
+                    and 0 <= item[0] < self.count and self.pieces is not None and isinstance(item[1], list)):
+                continue
+            sink = self.pieces[item[0]]
+            if sink is None:
+                continue
+            try:
+                outputs = [decode_value(v, buffers) for v in item[1]]
+            except ServingError as exc:
+                log.warning("dropping an undecodable stream piece: %s", exc)
+                continue
+            sink.piece(outputs, item[2] if isinstance(item[2], str) else None)
+
     def fail(self, error: ServingError) -> None:
         if not self.future.done():
             self.future.set_exception(error)
@@ -376,7 +406,8 @@ class DistributedBackend:
         return self.run_streaming(instances, None, [])
 
     def run_streaming(self, instances: list[list[Value]], on_result: Callable[[int, list[Value]], None] | None,
-                      cancels: list[CancelToken | None]) -> list[list[Value] | ServingError]:
+                      cancels: list[CancelToken | None],
+                      pieces: list[PieceSink | None] | None = None) -> list[list[Value] | ServingError]:
         fut: Future[list[list[Value] | ServingError]] = asyncio.run_coroutine_threadsafe(
-            self.pool.predict(instances, on_result, cancels), self.loop)
+            self.pool.predict(instances, on_result, cancels, pieces), self.loop)
         return fut.result()

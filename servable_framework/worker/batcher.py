@@ -24,7 +24,19 @@ from servable_framework.worker.cancel import CancelToken
 log = logging.getLogger(__name__)
 
 Outputs = list[Value]
-_Item = tuple[list[Value], "Future[Outputs]", "CancelToken | None"]
+
+
+class PieceSink(Protocol):
+    """Where the model's pieces of one streaming instance go (`BatchLink.stream`)."""
+
+    def piece(self, outputs: Outputs, finish: str | None) -> None:
+        """The model's new outputs of one step (called on the Worker's event loop: must not block)."""
+
+    def end(self) -> None:
+        """The batch that ran the instance is over: no piece follows (called after its future is set)."""
+
+
+_Item = tuple[list[Value], "Future[Outputs]", "CancelToken | None", "PieceSink | None"]
 
 
 class Backend(Protocol):
@@ -40,7 +52,9 @@ class StreamingBackend(Backend, Protocol):
     """A backend that answers instances as they finish and can stop a running one (distributed models)."""
 
     def run_streaming(self, instances: list[list[Value]], on_result: Callable[[int, Outputs | ServingError], None],
-                      cancels: list[CancelToken | None]) -> list[Outputs | ServingError]: ...
+                      cancels: list[CancelToken | None],
+                      pieces: list[PieceSink | None] | None = None) -> list[Outputs | ServingError]:
+        """``pieces`` (a sink or None per instance) is passed only when some instance streams."""
 
 
 class ModelBatcher:
@@ -60,19 +74,21 @@ class ModelBatcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, instances: list[list[Value]], cancel: CancelToken | None = None) -> list[Future[Outputs]]:
+    def submit(self, instances: list[list[Value]], cancel: CancelToken | None = None,
+               sinks: list[PieceSink | None] | None = None) -> list[Future[Outputs]]:
         """Queue instances (validated first: a bad one fails alone); returns one future per instance.
         Cancelling ``cancel`` cancels the futures of instances still queued (they never run) and is passed on
-        to a streaming backend for those already running."""
+        to a streaming backend for those already running. ``sinks`` (one per instance) receive the pieces a
+        streaming backend produces for them, then ``end`` once their batch is over (only if it ran)."""
         futures: list[Future[Outputs]] = []
-        for values in instances:
+        for i, values in enumerate(instances):
             fut: Future[Outputs] = Future()
             try:
                 checked = self.backend.check_instance(values)
             except ServingError as exc:
                 fut.set_exception(exc)
             else:
-                self._queue.put((checked, fut, cancel))
+                self._queue.put((checked, fut, cancel, sinks[i] if sinks is not None else None))
                 if cancel is not None:
                     cancel.on_cancel(fut.cancel)  # a no-op once the batch runs it
             futures.append(fut)
@@ -109,11 +125,16 @@ class ModelBatcher:
                 continue
             self.batches_run += 1  # counted before any answer leaves, so a client never sees a stale count
             self.instances_run += len(live)
-            values = [v for v, _, _ in live]
+            values = [item[0] for item in live]
+            sinks = [item[3] for item in live]
             try:
                 if isinstance(self.backend, StreamingBackend):  # instances that finish early are answered early
-                    results = self.backend.run_streaming(values, partial(_resolve_nth, [f for _, f, _ in live]),
-                                                         [c for _, _, c in live])
+                    on_result = partial(_resolve_nth, [item[1] for item in live])
+                    cancels = [item[2] for item in live]
+                    if any(s is not None for s in sinks):
+                        results = self.backend.run_streaming(values, on_result, cancels, pieces=sinks)
+                    else:
+                        results = self.backend.run_streaming(values, on_result, cancels)
                 else:
                     results = self.backend.run(values)
             except ServingError as exc:
@@ -121,8 +142,11 @@ class ModelBatcher:
             except Exception as exc:  # a model failure fails its batch, never the thread
                 log.exception("model %s failed on a batch of %d", self.name, len(live))
                 results = [ServingError(f"{type(exc).__name__}: {exc}")] * len(live)
-            for (_, fut, _), res in zip(live, results):
-                _resolve(fut, res)
+            for item, res in zip(live, results):
+                _resolve(item[1], res)
+            for sink in sinks:
+                if sink is not None:
+                    sink.end()
 
 
 def _resolve_nth(futures: list[Future[Outputs]], index: int, result: Outputs | ServingError) -> None:

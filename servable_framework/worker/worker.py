@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import zmq
@@ -24,10 +24,11 @@ from servable_framework import procs, transport
 from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.logs import setup_logging
 from servable_framework.servable.loader import LoadedServable, load_servable, resolve_version
-from servable_framework.wire import Kind, Value, decode_instances, encode_instances, unpack
+from servable_framework.wire import Kind, Value, decode_instances, encode_instances, encode_value, unpack
 from servable_framework.worker.batcher import ModelBatcher
 from servable_framework.worker.cancel import CancelToken
 from servable_framework.worker.pipeline import MethodRunner
+from servable_framework.worker.streaming import Piece
 from servable_framework.worker.values import from_stage_output
 
 log = logging.getLogger("servable_framework.worker")
@@ -82,6 +83,7 @@ class Worker:
         self.register_header = {
             "worker_id": self.worker_id, "version": p["version"],
             "methods": {name: m.required_inputs for name, m in loaded.spec.methods.items()},
+            "streaming": sorted(name for name, m in loaded.spec.methods.items() if m.stream),
             "request_timeout_s": loaded.spec.request_timeout_s}
         await transport.send(self.sock, Kind.REGISTER, self.register_header)
         log.info("servable '%s' version %d ready, methods: %s", loaded.spec.name, p["version"],
@@ -152,13 +154,18 @@ class Worker:
                 self.stopping.set()
 
     async def _predict(self, header: dict[str, Any], buffers: Any, frames: Any) -> None:
+        """PREDICT ``{"id", "method", "instances", "stream"?}``: one RESULT back; with ``"stream": true`` STREAM
+        messages ``{"id", "pieces": [...]}`` (`_StreamSender`) come first, and the RESULT only ends the request
+        (``{"id", "streamed": true}``; every instance's outcome was in its last piece) or fails it whole."""
         request_id = header.get("id")
         token = self.cancels[request_id] = CancelToken()
+        loop = asyncio.get_running_loop()
+        sender = _StreamSender(self.sock, request_id, loop) if header.get("stream") is True else None
         try:
             instances = decode_instances(header.get("instances"), buffers)
             assert self.runner is not None
-            results = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self.runner.run, str(header.get("method")), instances, token)
+            results = await loop.run_in_executor(
+                self.pool, self.runner.run, str(header.get("method")), instances, token, sender)
         except ServingError as exc:
             await transport.send(self.sock, Kind.RESULT, {"id": request_id, "error": exc.to_wire()})
             return
@@ -169,6 +176,11 @@ class Worker:
             return
         finally:
             self.cancels.pop(request_id, None)
+        if sender is not None:
+            await sender.flush()  # the RESULT must not overtake the last piece
+            await transport.send(self.sock, Kind.RESULT, {"id": request_id, "streamed": True,
+                                                          "batches": self._batch_stats()})
+            return
         out_buffers: list[Any] = []
         encoded = []
         for res in results:
@@ -218,6 +230,44 @@ class Worker:
             pass
         self.sock.close(linger=1000)  # let the last FAILED/EXIT frame reach Main
         self.ctx.term()
+
+
+class _StreamSender:
+    """`StreamEmit` of one streaming request: encodes pieces on the calling thread and sends them to Main from
+    the event loop, in call order, as STREAM ``{"id", "pieces": [{"index", "outputs": {name: value}, "finish"}
+    | {"index", "error": {"kind", "msg"}}]}``."""
+
+    def __init__(self, sock: zmq.asyncio.Socket, request_id: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.sock, self.request_id, self.loop = sock, request_id, loop
+        self.last: Future[None] | None = None
+
+    def __call__(self, pieces: list[Piece]) -> None:
+        buffers: list[Any] = []
+        encoded = []
+        for piece in pieces:
+            item: dict[str, Any] = {"index": piece.index}
+            if piece.error is None:
+                try:
+                    mark = len(buffers)
+                    item["outputs"] = {name: encode_value(v, buffers) for name, v in piece.outputs.items()}
+                    item["finish"] = piece.finish
+                except ServingError as exc:
+                    del buffers[mark:]
+                    item.pop("outputs", None)
+                    item["error"] = exc.to_wire()
+            else:
+                item["error"] = piece.error.to_wire()
+            encoded.append(item)
+        # tasks start in creation order and the socket sends in call order: pieces leave in order
+        self.last = asyncio.run_coroutine_threadsafe(
+            transport.send(self.sock, Kind.STREAM, {"id": self.request_id, "pieces": encoded}, buffers), self.loop)
+
+    async def flush(self) -> None:
+        if self.last is not None:
+            try:
+                await asyncio.wrap_future(self.last)
+            except Exception as exc:  # Main is gone: its RESULT will not arrive either
+                log.warning("a stream piece of request %s was not sent: %s", self.request_id, exc)
 
 
 async def _amain(payload: dict[str, Any]) -> int:
