@@ -198,7 +198,7 @@ class _Channel:
             waiter.fail(f"{UNAVAILABLE}, the client was closed")
         sock.close(0)
 
-    def _try_send(self, sock: zmq.Socket, rid: int, frames: list[Any], waiter: _Waiter | None, deadline: float,
+    def _try_send(self, sock: zmq.Socket[Any], rid: int, frames: list[Any], waiter: _Waiter | None, deadline: float,
                   connect_deadline: float) -> bool:
         try:
             sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
@@ -213,7 +213,7 @@ class _Channel:
             self.pending[rid] = (waiter, deadline)
         return True
 
-    def _receive(self, sock: zmq.Socket) -> None:
+    def _receive(self, sock: zmq.Socket[Any]) -> None:
         while True:
             try:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)

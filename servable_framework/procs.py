@@ -71,7 +71,7 @@ def read_payload() -> dict[str, Any]:
     return data
 
 
-def watch_parent(on_death: Callable[[], None]) -> None:
+def watch_parent(on_death: Callable[[], object]) -> None:
     """In a child: call ``on_death`` (from a daemon thread) as soon as the parent process is gone."""
     fd = int(os.environ.get(DEATH_FD_ENV, "-1"))
     if fd < 0:

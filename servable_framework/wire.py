@@ -68,7 +68,7 @@ def encode_value(value: Value, buffers: list[Frame]) -> dict[str, Any]:
         if value.dtype.name not in DTYPES:
             raise InvalidInput(f"Unknown data type {value.dtype}")
         arr = value if value.flags.c_contiguous else value.copy(order="C")  # keeps 0-d arrays 0-d
-        buffers.append(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
+        buffers.append(arr.reshape(-1).view(np.uint8).data if arr.size else b"")  # .data: memoryview of the array
         return {"t": "nd", "dtype": arr.dtype.name, "shape": list(arr.shape), "buf": len(buffers) - 1}
     raise InvalidInput(f"Not support value type {type(value)}")
 

@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -36,6 +36,7 @@ from servable_framework.wire import Kind, decode_value, encode_value, unpack
 log = logging.getLogger("servable_framework.agent")
 
 EXIT_REJOIN = 3
+LEAVE_GRACE_S = 1.0  # `Agent._leave_group`: how long a failed rank waits for news of a dead peer first
 JOIN_WAIT_S = 30.0  # a batch the output rank saw must reach every rank within this (it was sent to all at once)
 _SENT = object()  # `_run`: the batch's reply already left (it was completed or taken in by a running batch)
 
@@ -303,7 +304,7 @@ class Agent:
 
     async def _predict(self, header: dict[str, Any], buffers: Any, frames: Any) -> None:
         loop = asyncio.get_running_loop()
-        batch_id = header.get("id")
+        batch_id = cast(int, header.get("id"))  # the Worker sends every PREDICT with its batch's int id
         self.live.add(batch_id)
         if isinstance(header.get("stream"), list):
             self.streaming[batch_id] = {r for r in header["stream"] if isinstance(r, int)}
@@ -325,9 +326,6 @@ class Agent:
             if not isinstance(exc, (ServingError, ValueError)):
                 log.exception("rank %d failed on a batch", self.rank)
             await self._reply(batch_id, None, exc)
-            if _out_of_step(exc):
-                await self._leave_group(f"rank {self.rank} failed mid-batch ({type(exc).__name__}: {exc}); "
-                                        f"the group re-forms")
         else:
             if outputs is not _SENT:
                 await self._reply(batch_id, outputs, None)
@@ -363,25 +361,37 @@ class Agent:
         try:
             outputs = self.shard.predict(waiting.instances)
         except Exception as exc:
+            if _out_of_step(exc):
+                # no replies from here: the Worker fails every batch in flight, with the cause, when this rank
+                # leaves the group (or sooner, when it learns that a peer died and broke this rank's collectives)
+                log.exception("rank %d failed mid-batch %s", self.rank, batch_id)
+                reason = f"rank {self.rank} failed mid-batch ({type(exc).__name__}: {exc}); the group re-forms"
+                asyncio.run_coroutine_threadsafe(self._leave_group(reason), loop)
+                return _SENT
             for joined in list(link.open):  # batches taken in fail with the one that carried them
                 link.fail(joined, exc)
             if batch_id in link.done:  # its own reply already left; the failure was logged by the joined ones
                 log.error("rank %d: a batch failed after batch %s completed: %s", self.rank, batch_id, exc)
-                if _out_of_step(exc):
-                    reason = f"rank {self.rank} failed mid-batch ({type(exc).__name__}: {exc}); the group re-forms"
-                    asyncio.run_coroutine_threadsafe(self._leave_group(reason), loop)
                 return _SENT
-            raise  # `_predict` answers it, and leaves the group when the ranks may be out of step
+            raise  # bad input or an in-step failure: `_predict` answers it, the group stays as it is
         finally:
             self.shard.link = None
             self.running = None
         return _SENT if batch_id in link.done else outputs
 
     async def _leave_group(self, reason: str) -> None:
-        """This rank cannot go on in step with its peers: tell the Worker (it fails the batches in flight, naming
-        this rank, and tells every rank to re-join), then exit to be restarted for the next generation."""
+        """This rank cannot go on in step with its peers: tell the Worker (it fails the batches in flight with
+        ``reason``, which names this rank, and tells every rank to re-join), then exit to be restarted for the
+        next generation. A peer that died also breaks this rank's collectives; its death is usually reported
+        within moments (by its startup process), so this rank first waits `LEAVE_GRACE_S` for the Worker's
+        EXIT, so that clients are told the real cause rather than this rank's broken connection."""
         if self.exit_code is not None:
             return
+        try:
+            await asyncio.wait_for(self.done.wait(), LEAVE_GRACE_S)
+            return  # the Worker already re-forms the group
+        except asyncio.TimeoutError:
+            pass
         log.error("%s", reason)
         try:
             await asyncio.wait_for(transport.send(self.sock, Kind.FAILED, {"rank": self.rank, "pid": os.getpid(),

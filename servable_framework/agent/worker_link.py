@@ -41,7 +41,7 @@ class WorkerLink:
         self.stopped = threading.Event()  # set once the Worker announced the servable's end
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._sock = zmq.Context.instance().socket(zmq.DEALER)
+        self._sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 500)  # a last notice still leaves when the process ends right after
         self._sock.connect(transport.zmq_endpoint(address, "distributed"))
 

@@ -318,6 +318,7 @@ class GenerationEngine:
         gone = link.cancelled()
         finished = np.zeros(n, dtype=np.int64)
         pieces: list[tuple[Any, int, list[Any], str | None]] = []
+        answered: list[_Row] = []
         eos = self.model.eos_token_ids
         host_logits = logits.float().cpu().numpy() if self.collect_logits else None
         for r, row in enumerate(run.rows):
@@ -332,11 +333,11 @@ class GenerationEngine:
                            row.reason or None))
             if row.reason:
                 finished[r] = 1
-                if row.reason != "cancelled":  # its answer is complete: it leaves now, not with its batch
-                    link.emit(row.batch_id, row.index, [np.asarray(row.tokens, dtype=np.int64)])
-        stream = getattr(link, "stream", None)
-        if stream is not None:
-            stream(pieces)
+                if row.reason != "cancelled":
+                    answered.append(row)
+        link.stream(pieces)
+        for row in answered:  # its answer is complete (after its last piece): it leaves now, not with its batch
+            link.emit(row.batch_id, row.index, [np.asarray(row.tokens, dtype=np.int64)])
         active = n - int(finished.sum())
         k_next = link.joinable(active)
         return np.concatenate([tokens.astype(np.int64), finished, [int(active == 0), k_next]])

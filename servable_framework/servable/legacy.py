@@ -41,7 +41,7 @@ class LegacyTrace:
         return self.counts.pop(0) if self.counts else 1
 
 
-def _call_name(node: ast.AST) -> str | None:
+def _call_name(node: ast.AST | None) -> str | None:
     if isinstance(node, ast.Call):
         func = node.func
         name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None

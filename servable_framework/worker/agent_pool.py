@@ -341,7 +341,7 @@ class _Batch:
                     pass  # the final reply carries it again
             return
         rank = header.get("rank")
-        self.waiting.discard(rank)  # type: ignore[arg-type]
+        self.waiting.discard(rank)
         self.joined = self.joined or bool(header.get("joined"))
         if isinstance(header.get("cancelled"), int):
             self.cancelled += header["cancelled"]

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from functools import partial
 from typing import Protocol, runtime_checkable
@@ -44,7 +44,7 @@ class Backend(Protocol):
 
     def check_instance(self, values: list[Value]) -> list[Value]: ...
 
-    def run(self, instances: list[list[Value]]) -> list[Outputs | ServingError]: ...
+    def run(self, instances: list[list[Value]]) -> Sequence[Outputs | ServingError]: ...
 
 
 @runtime_checkable
@@ -127,6 +127,7 @@ class ModelBatcher:
             self.instances_run += len(live)
             values = [item[0] for item in live]
             sinks = [item[3] for item in live]
+            results: Sequence[Outputs | ServingError]
             try:
                 if isinstance(self.backend, StreamingBackend):  # instances that finish early are answered early
                     on_result = partial(_resolve_nth, [item[1] for item in live])

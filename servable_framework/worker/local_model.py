@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -103,6 +103,7 @@ class LocalModel:
                                    f"{info.dtype.name} defined in model")
             shape = info.shape[1:] if self._has_batch_dim(i) else info.shape
             if None not in shape:
+                shape = cast("tuple[int, ...]", shape)  # no None in it: a static shape
                 expected = int(np.prod(shape, dtype=np.int64)) * info.dtype.itemsize
                 if value.nbytes != expected:
                     raise InvalidInput(f"Given model input {i} size {value.nbytes} not match the size {expected} "
@@ -128,8 +129,8 @@ class LocalModel:
                 continue
             parts = [np.asarray(inst[i])[None] for inst in instances] + [np.asarray(instances[0][i])[None]] * pad
             batch.append(np.concatenate(parts, axis=0))
-        outputs = self._forward(batch)
-        return [[o[j] for o in outputs] for j in range(n)]  # type: ignore[index]
+        outputs = cast("list[np.ndarray]", self._forward(batch))  # `_forward` returns arrays only
+        return [[o[j] for o in outputs] for j in range(n)]
 
     def _forward(self, values: list[Value]) -> list[Value]:
         args = [torch.from_numpy(np.array(v)).to(self.device) for v in values]

@@ -110,7 +110,7 @@ class OutputDiff:
                 return None
             out[name] = value[len(sent):]
             now[name] = value
-        if not final and not any(len(out[n]) for n in now):  # type: ignore[arg-type]
+        if not final and not any(len(out[n]) for n in now):
             return None
         self.sent.update(now)
         return out

@@ -158,7 +158,7 @@ def postprocess(output_ids):
     return processor.tokenizer.decode(np.asarray(output_ids).tolist(), skip_special_tokens=True)
 
 
-@register.register_method(output_names=["text"])
+@register.register_method(output_names=["text"], stream=True)
 def predict(prompt=None, image=None, messages=None, max_new_tokens=None, temperature=None, top_p=None, top_k=None,
             seed=None):
     input_ids, pixel_values, grid, sampling = register.add_stage(
