@@ -218,10 +218,7 @@ class Qwen25VLModel(EngineModel):
     # ------------------------------------------------------------------ every stage
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, cache: CacheView) -> torch.Tensor:
-        mask = cache.mask
-        if self.attn_impl != "sdpa":  # eager attention adds its mask to the scores
-            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(hidden.dtype).min)
+        mask = cache.mask_for(self.attn_impl, hidden.dtype)
         pos_emb = self.text.rotary_emb(hidden, positions)
         for layer in self.text.layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=pos_emb, cache=cache)

@@ -143,3 +143,11 @@ class CacheView:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.width
+
+    def mask_for(self, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+        """The pass's mask as the attention implementation wants it: boolean for ``"sdpa"``; additive (0 where
+        attended, the dtype's minimum elsewhere) for ``"eager"``, which adds its mask to the scores."""
+        if attn_implementation == "sdpa":
+            return self.mask
+        return torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill(
+            ~self.mask, torch.finfo(dtype).min)

@@ -58,6 +58,36 @@ class SamplingParams:
                    tuple(tuple(int(t) for t in s) for s in raw[5]))
 
 
+def request_number(value: object, name: str, kind: type[int] | type[float], default: float) -> float:
+    """A single number from a request input (``None``: ``default``); `ValueError` naming the input otherwise."""
+    if value is None:
+        return default
+    arr = np.asarray(value).reshape(-1)
+    if arr.size != 1 or arr.dtype.kind not in "biuf":
+        raise ValueError(f"'{name}' must be a single number")
+    number = arr[0].item()
+    if kind is int and float(number) != int(number):
+        raise ValueError(f"'{name}' must be an integer, got {number}")
+    return kind(number)
+
+
+def sampling_vector(max_new_tokens: object, temperature: object, top_p: object, top_k: object, seed: object, *,
+                    default_max_new_tokens: int, max_new_tokens_cap: int) -> np.ndarray:
+    """A servable's preprocess: request inputs (each may be None) -> the ``[max_new_tokens, temperature, top_p,
+    top_k, seed]`` float64 vector an LLM instance carries (`SamplingParams.from_vector` reads it back on stage 0).
+    Greedy by default; `ValueError` with a client-facing text for bad values."""
+    n_new = int(request_number(max_new_tokens, "max_new_tokens", int, default_max_new_tokens))
+    if not 1 <= n_new <= max_new_tokens_cap:
+        raise ValueError(f"max_new_tokens {n_new} is out of range [1, {max_new_tokens_cap}] (the server cap)")
+    temp = request_number(temperature, "temperature", float, 0.0)
+    p = request_number(top_p, "top_p", float, 1.0)
+    k = request_number(top_k, "top_k", int, 0)
+    s = request_number(seed, "seed", int, -1)
+    if temp < 0 or not 0 < p <= 1 or k < 0:
+        raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    return np.array([n_new, temp, p, k, s], dtype=np.float64)
+
+
 class Sampler:
     """Per-row sampling state of the running rows (in row order) and the batched draw."""
 

@@ -42,6 +42,7 @@ from servable_framework.errors import (
     PayloadTooLarge,
     ServingError,
 )
+from servable_framework.main import kserve, openai_api
 from servable_framework.main.dispatcher import Dispatcher, Result, StreamPiece
 from servable_framework.main.rest_codec import encode_error, encode_outputs, encode_results, parse_body, parse_url
 
@@ -105,6 +106,9 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        # the protocols clients already speak, next to MindSpore's (whose catch-all route comes last)
+        *openai_api.routes(dispatcher, max_msg_bytes),
+        *kserve.routes(dispatcher, max_msg_bytes),
         Route("/{path:path}", predict, methods=methods),
     ]
     async def http_error(request: Request, exc: Exception) -> Response:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from servable_framework.engine.sampling import sampling_vector
 from servable_framework.server import distributed, register
 
 from .tiny_model import build_tiny_qwen
@@ -53,18 +54,6 @@ model = distributed.declare_servable(
     max_batch_delay_ms=float(os.environ.get("QWEN_MAX_BATCH_DELAY_MS", "5")),
     continuous_batching=os.environ.get("QWEN_CONTINUOUS_BATCHING", "1") == "1",
 )
-
-
-def _scalar(value, name, kind, default):
-    if value is None:
-        return default
-    arr = np.asarray(value).reshape(-1)
-    if arr.size != 1 or arr.dtype.kind not in "biuf":
-        raise ValueError(f"'{name}' must be a single number")
-    number = arr[0].item()
-    if kind is int and float(number) != int(number):
-        raise ValueError(f"'{name}' must be an integer, got {number}")
-    return kind(number)
 
 
 def _image(data):
@@ -133,15 +122,8 @@ def preprocess(prompt, image, messages, max_new_tokens, temperature, top_p, top_
         chat = [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
     else:
         raise ValueError("missing input: give 'prompt' (and optionally 'image') or 'messages'")
-    n_new = _scalar(max_new_tokens, "max_new_tokens", int, DEFAULT_MAX_NEW_TOKENS)
-    if not 1 <= n_new <= MAX_NEW_TOKENS_CAP:
-        raise ValueError(f"max_new_tokens {n_new} is out of range [1, {MAX_NEW_TOKENS_CAP}] (the server cap)")
-    temp = _scalar(temperature, "temperature", float, 0.0)
-    p = _scalar(top_p, "top_p", float, 1.0)
-    k = _scalar(top_k, "top_k", int, 0)
-    s = _scalar(seed, "seed", int, -1)
-    if temp < 0 or not 0 < p <= 1 or k < 0:
-        raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    sampling = sampling_vector(max_new_tokens, temperature, top_p, top_k, seed,
+                               default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS, max_new_tokens_cap=MAX_NEW_TOKENS_CAP)
     text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     image_inputs = process_vision_info(chat)[0]
     inputs = processor(text=[text], images=image_inputs, return_tensors="np")
@@ -151,7 +133,7 @@ def preprocess(prompt, image, messages, max_new_tokens, temperature, top_p, top_
     return (np.asarray(inputs["input_ids"][0], dtype=np.int64),
             np.zeros((0, patch_dim), np.float32) if pixel_values is None else np.asarray(pixel_values, np.float32),
             np.zeros((0, 3), np.int64) if grid is None else np.asarray(grid, np.int64),
-            np.array([n_new, temp, p, k, s], dtype=np.float64))
+            sampling)
 
 
 def postprocess(output_ids):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_qwen_servable import png, tiny_ckpt  # noqa: F401  (fixture)
 from tests.support.procs import REPO, Rest, child_env, free_port
 
 pytestmark = pytest.mark.gpu
@@ -26,24 +27,7 @@ Reference = Callable[[str, bytes | None, int], str]
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from servables.qwen.tiny_model import build_tiny_qwen
-
-    return build_tiny_qwen(tmp_path_factory.mktemp("tiny"))
-
-
-def png(color: str = "red", size: tuple[int, int] = (96, 64)) -> bytes:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", size, "white")
-    ImageDraw.Draw(img).rectangle([10, 10, size[0] - 20, size[1] - 10], fill=color)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_ckpt: Path) -> Reference:
+def reference(tiny_ckpt: Path) -> Reference:  # noqa: F811
     """Greedy text of the unsharded HF model on the CPU (float32), with the stock processor calls."""
     import torch
     from PIL import Image
@@ -74,7 +58,7 @@ def gpus() -> int:
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
-def served(request: pytest.FixtureRequest, module_servers, tiny_ckpt: Path) -> Iterator[tuple[Rest, str]]:
+def served(request: pytest.FixtureRequest, module_servers, tiny_ckpt: Path) -> Iterator[tuple[Rest, str]]:  # noqa: F811
     """examples/qwen's server + Agents at TP ``param`` on CUDA; (REST, the Agents' log)."""
     tp = int(request.param)
     if gpus() < tp:
