@@ -4,13 +4,15 @@ module reading env vars.
 Every field can be set with an environment variable ``SERVABLE_<FIELD>`` (e.g. ``SERVABLE_HEARTBEAT_TIMEOUT_S=3``)
 or in code with `servable_framework.server.set_settings(...)` before ``start_servables``. ``agent_threads`` is read
 by the Agent startup process (``startup_agents``, e.g. ``serving_agent.py``) from its own environment.
+API keys (``api_key_file``, ``api_keys``) come from a file or the environment, never from a command line that
+``ps`` shows; see `servable_framework.main.auth`.
 """
 
 from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 class Settings(BaseModel):
@@ -30,6 +32,12 @@ class Settings(BaseModel):
     worker_start_timeout_s: float = Field(600.0, gt=0, description="deadline for a local Worker to register")
     graceful_timeout_s: float = Field(10.0, ge=0, description="drain period on SIGTERM, and SIGTERM->SIGKILL wait")
     log_dir: str = Field("serving_logs", description="Worker logs, relative to the CWD")
+    api_key_file: str | None = Field(None, description="REST API keys, one per line (blank lines and lines "
+                                     "starting with # skipped): with any key configured, every REST route but "
+                                     "/health and /ready needs 'Authorization: Bearer <key>' (env "
+                                     "SERVABLE_API_KEY_FILE)")
+    api_keys: SecretStr | None = Field(None, description="REST API keys, comma-separated (env SERVABLE_API_KEYS); "
+                                       "added to those of api_key_file")
     agent_threads: int = Field(0, ge=0, description="torch intra-op threads of each Agent; 0 (default) shares this "
                                "host's cores among its local Agents: usable cores // local Agents, at least 1")
 

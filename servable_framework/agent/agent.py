@@ -29,7 +29,7 @@ import zmq.asyncio
 
 from servable_framework import procs, transport
 from servable_framework.agent.shard import InStepError, ModelShard, ShardContext, WaitingBatch, find_shard
-from servable_framework.errors import ServingError
+from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.logs import setup_logging
 from servable_framework.wire import Kind, decode_value, encode_value, unpack
 
@@ -42,10 +42,12 @@ _SENT = object()  # `_run`: the batch's reply already left (it was completed or 
 
 
 def _error_wire(error: Exception, rank: int) -> dict[str, Any]:
-    """Bad input (``ValueError``/``ServingError``) keeps its text; anything else is named with its type and the
-    rank it happened on."""
-    if isinstance(error, (ServingError, ValueError)):
-        return ServingError(str(getattr(error, "message", error))).to_wire()
+    """Bad input (``ValueError``: the shard refused the instances) is the client's fault (HTTP 400) and keeps its
+    text, a `ServingError` keeps its kind; anything else is named with its type and the rank it happened on."""
+    if isinstance(error, ServingError):
+        return error.to_wire()
+    if isinstance(error, ValueError):
+        return InvalidInput(str(error)).to_wire()
     return ServingError(f"rank {rank}: {type(error).__name__}: {error}").to_wire()
 
 

@@ -2,13 +2,15 @@
 
 Both front ends (REST and ZMQ) call `Dispatcher.predict` (or `Dispatcher.predict_stream`); admission control
 (queue limit, instance limit), version selection, timeouts and the "not available" errors of contract §8.6
-live here only.
+live here only. So do the per-request metrics (`servable_framework.main.metrics`): each caller passes its
+``protocol`` label (``"rest"``, ``"zmq"``, ``"openai"``, ``"kserve"``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,7 @@ from servable_framework.errors import (
     ServingError,
     Unavailable,
 )
+from servable_framework.main.metrics import DispatcherCollector, Metrics, Outcome, outcome_of
 from servable_framework.main.workers import StreamItem, WorkerHandle, WorkerSet, WorkerState
 from servable_framework.settings import Settings
 from servable_framework.wire import Instance, Kind, decode_value, encode_instances
@@ -53,6 +56,9 @@ class Dispatcher:
         self.idle.set()
         self.draining = False
         self.stats = {"requests": 0, "errors": 0, "rejected": 0}
+        self.metrics = Metrics(known_servable=lambda name: any(
+            h.servable == name for h in self.workers.workers.values()))
+        self.metrics.add_collector(DispatcherCollector(self))
 
     def _spec(self, servable: str, method: str, version: int) -> str:
         v = f" version({version})" if version else ""
@@ -108,29 +114,44 @@ class Dispatcher:
             self.idle.set()
 
     async def predict(self, servable: str, method: str, version: int, instances: list[Instance],
-                      timeout_s: float | None = None) -> list[Result]:
-        """Run one request; returns one result (outputs or error) per instance, in order."""
+                      timeout_s: float | None = None, *, protocol: str = "rest") -> list[Result]:
+        """Run one request; returns one result (outputs or error) per instance, in order. ``protocol``: the
+        caller's label on the request's metrics."""
+        start = time.perf_counter()
         handle = self._admit(servable, method, version, instances)
+        record = self.metrics.request(servable, protocol, start)
         self._started()
+        outcome: Outcome = "error"
         try:
             timeout = timeout_s or handle.request_timeout_s or self.settings.request_timeout_s
-            return await self._call(handle, method, instances, timeout)
+            results = await self._call(handle, method, instances, timeout)
+            record.results(results)
+            outcome = "ok"
+            return results
         except ServingError:
             self.stats["errors"] += 1
             raise
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            raise
         finally:
+            record.finish(outcome)
             self._ended()
 
     async def predict_stream(self, servable: str, method: str, version: int, instances: list[Instance],
-                             timeout_s: float | None = None) -> AsyncIterator[StreamPiece]:
+                             timeout_s: float | None = None, *, protocol: str = "rest") -> AsyncIterator[StreamPiece]:
         """Run one request of a ``stream=True`` method, yielding its pieces as the Worker sends them: every
         instance ends with exactly one piece with ``finish`` or ``error``, then the iteration ends. Raises the
         error that refuses or fails the whole request (the deadline covers the whole stream). A caller that
         stops early (``aclose``, a cancelled task) cancels the request in the Worker and on the Agents, as a
-        timed-out one is (no await happens on that path: safe inside a cancelled scope)."""
+        timed-out one is (no await happens on that path: safe inside a cancelled scope). ``protocol``: the
+        caller's label on the request's metrics."""
+        start = time.perf_counter()
         handle = self._admit(servable, method, version, instances)
         if method not in handle.streaming:
             raise not_streaming(servable, method)
+        record = self.metrics.request(servable, protocol, start)
+        outcome: Outcome = "error"
         self._started()
         request_id = next(self._ids)
         queue: asyncio.Queue[StreamItem] = asyncio.Queue()
@@ -158,13 +179,21 @@ class Dispatcher:
                     finished = True
                     if "error" in reply:
                         raise ServingError.from_wire(reply["error"])
+                    outcome = "ok"
                     return
                 for raw in reply.get("pieces", []):
-                    yield _decode_piece(raw, out_buffers)
+                    piece = _decode_piece(raw, out_buffers)
+                    if piece.error is None:
+                        record.piece(piece.index, piece.outputs)
+                    yield piece
         except ServingError:
             self.stats["errors"] += 1
             raise
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            raise
         finally:
+            record.finish(outcome)
             handle.streams.pop(request_id, None)
             if not finished and self.settings.cancel_abandoned:
                 transport.spawn(self._cancel(handle, request_id))

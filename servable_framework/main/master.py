@@ -24,6 +24,7 @@ import zmq.asyncio
 
 from servable_framework import procs, transport
 from servable_framework.logs import setup_logging
+from servable_framework.main import auth
 from servable_framework.main.dispatcher import Dispatcher
 from servable_framework.main.rest import build_app
 from servable_framework.main.workers import WorkerHandle, WorkerSet
@@ -87,6 +88,7 @@ class Master:
             raise RuntimeError("Serving Error: RESTful server is already running")
         if tls is not None:
             server_context(tls)  # the files are checked now, with the contract's errors; uvicorn loads them again
+        api_keys = auth.load_keys(self.settings)  # a bad key file fails the start
         ip, port = transport.parse_address(address, "RESTful server", allow_unix=False)
         assert port is not None
         # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then (else every
@@ -104,8 +106,9 @@ class Master:
         ssl_args: dict[str, Any] = {} if tls is None else {
             "ssl_certfile": tls.certificate, "ssl_keyfile": tls.private_key, "ssl_ca_certs": tls.custom_ca,
             "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.verify_client else ssl.CERT_NONE, "ssl_ciphers": CIPHERS}
-        config = uvicorn.Config(build_app(self.dispatcher, max_msg_bytes), log_level="warning", lifespan="off",
-                                timeout_keep_alive=100, access_log=False, **ssl_args)
+        auth.warn_if_exposed(ip, api_keys, tls is not None)
+        config = uvicorn.Config(build_app(self.dispatcher, max_msg_bytes, api_keys), log_level="warning",
+                                lifespan="off", timeout_keep_alive=100, access_log=False, **ssl_args)
         server = uvicorn.Server(config)
         self.rest = server
 
@@ -113,7 +116,8 @@ class Master:
             self.rest_task = asyncio.create_task(server.serve(sockets=[sock]))
 
         self.call(serve())
-        log.info("Serving RESTful server start success, listening on %s%s", address, " (HTTPS)" if tls else "")
+        log.info("Serving RESTful server start success, listening on %s%s%s", address, " (HTTPS)" if tls else "",
+                 f", {len(api_keys)} API key(s) required" if api_keys else "")
 
     def start_zmq(self, address: str, max_msg_bytes: int) -> None:
         if self.zmq is not None:

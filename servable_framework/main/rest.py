@@ -2,8 +2,10 @@
 
 Routes: ``POST /model/{servable}[/version/{n}]:{method}`` (MindSpore's URL and JSON body), ``GET /health``
 (process alive), ``GET /ready`` (every servable has a READY Worker; 503 otherwise), ``GET /metrics``
-(Prometheus text). Errors become ``{"error_msg": ...}`` with a meaningful HTTP status in exactly one
-place, `_error_response`; per-instance errors keep HTTP 200, as the other instances succeeded.
+(Prometheus text, `servable_framework.main.metrics`), the OpenAI and KServe v2 routes. With API keys configured,
+every route but ``/health`` and ``/ready`` needs ``Authorization: Bearer <key>`` (`servable_framework.main.auth`).
+Errors become ``{"error_msg": ...}`` with a meaningful HTTP status in exactly one place, `_error_response`;
+per-instance errors keep HTTP 200, as the other instances succeeded.
 
 Streaming (a method declared ``stream=True``, asked with ``Accept: text/event-stream``): Server-Sent Events,
 one per piece, once the first piece with outputs is there; a request that fails before it is answered exactly
@@ -25,12 +27,13 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -42,8 +45,9 @@ from servable_framework.errors import (
     PayloadTooLarge,
     ServingError,
 )
-from servable_framework.main import kserve, openai_api
+from servable_framework.main import auth, kserve, openai_api
 from servable_framework.main.dispatcher import Dispatcher, Result, StreamPiece
+from servable_framework.main.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from servable_framework.main.rest_codec import encode_error, encode_outputs, encode_results, parse_body, parse_url
 
 log = logging.getLogger("servable_framework.rest")
@@ -66,7 +70,10 @@ def _results_response(results: list[Result]) -> Response:
     return JSONResponse(body_out)
 
 
-def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
+def build_app(dispatcher: Dispatcher, max_msg_bytes: int, api_keys: auth.ApiKeys | None = None) -> Starlette:
+    """Main's REST app. ``api_keys``: as loaded by `auth.load_keys` (default: from the dispatcher's settings)."""
+    keys = auth.load_keys(dispatcher.settings) if api_keys is None else api_keys
+
     async def predict(request: Request) -> Response:
         try:
             if request.method != "POST":
@@ -77,10 +84,11 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
             timeout = _timeout(request)
             if EVENT_STREAM in request.headers.get("accept", "").lower():
                 stream = dispatcher.predict_stream(target.servable, target.method, target.version, instances,
-                                                   timeout)
+                                                   timeout, protocol="rest")
                 return await _stream_response(request, stream, len(instances))
             results = await _unless_client_leaves(
-                request, dispatcher.predict(target.servable, target.method, target.version, instances, timeout))
+                request, dispatcher.predict(target.servable, target.method, target.version, instances, timeout,
+                                            protocol="rest"))
         except ServingError as exc:
             return _error_response(exc)
         except Exception as exc:  # a bug: log it, answer 500 in the contract's shape, keep serving
@@ -99,7 +107,7 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
                             status_code=200 if ok else 503)
 
     async def metrics(_: Request) -> Response:
-        return PlainTextResponse(_prometheus(dispatcher), media_type="text/plain; version=0.0.4")
+        return Response(dispatcher.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
     routes = [
@@ -117,7 +125,8 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int) -> Starlette:
         text = "please check url, the keyword:[model] must contain." if status == 404 else str(exc)
         return JSONResponse({"error_msg": text}, status_code=status)
 
-    return Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
+    return Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error},
+                     middleware=[Middleware(auth.ApiKeyMiddleware, keys=keys)] if keys else None)
 
 
 async def _stream_response(request: Request, stream: AsyncIterator[StreamPiece], count: int) -> Response:
@@ -239,41 +248,3 @@ def _timeout(request: Request) -> float | None:
     if not 0 < value < 1e6:
         raise InvalidInput(f"header {TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}")
     return value
-
-
-def _prometheus(dispatcher: Dispatcher) -> str:
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: Sequence[tuple[dict[str, Any], float]]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-            lines.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
-
-    metric("servable_requests_total", "counter", "Requests received by Main.",
-           [({}, dispatcher.stats["requests"])])
-    metric("servable_request_errors_total", "counter", "Requests that failed as a whole.",
-           [({}, dispatcher.stats["errors"])])
-    metric("servable_requests_rejected_total", "counter", "Requests shed by the queue limit.",
-           [({}, dispatcher.stats["rejected"])])
-    metric("servable_requests_inflight", "gauge", "Requests admitted and not yet answered.",
-           [({}, dispatcher.inflight)])
-    batches, instances, joined, cancelled = [], [], [], []
-    for h in dispatcher.workers.workers.values():
-        for model, (b, i, *rest) in h.batch_stats.items():
-            labels = {"servable": h.servable, "model": model, "worker": h.worker_id}
-            batches.append((labels, b))
-            instances.append((labels, i))
-            joined.append((labels, rest[0] if rest else 0))
-            cancelled.append(({**labels, "when": "queued"}, rest[2] if len(rest) > 2 else 0))
-            cancelled.append(({**labels, "when": "running"}, rest[1] if len(rest) > 1 else 0))
-    metric("servable_model_batches_total", "counter", "Model calls (batches) run by Workers.", batches)
-    metric("servable_model_instances_total", "counter", "Instances run in those model calls.", instances)
-    metric("servable_model_batches_joined_total", "counter",
-           "Batches the Agents took into an already running batch (continuous batching).", joined)
-    metric("servable_model_instances_cancelled_total", "counter",
-           "Instances of timed-out requests: dropped from the queue, or stopped early while generating.", cancelled)
-    ready = [({"servable": name}, 1.0 if s["ready"] else 0.0) for name, s in dispatcher.ready().items()]
-    metric("servable_ready", "gauge", "1 when the servable has a READY Worker.", ready)
-    return "\n".join(lines) + "\n"

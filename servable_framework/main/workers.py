@@ -47,6 +47,7 @@ class WorkerHandle:
     reason: str = ""
     methods: dict[str, list[str]] = field(default_factory=dict)
     streaming: set[str] = field(default_factory=set)  # methods declared stream=True
+    signatures: dict[str, Any] = field(default_factory=dict)  # method -> inputs/outputs (worker/signatures.py)
     last_pong: float = field(default_factory=time.monotonic)
     last_ping: float = 0.0
     inflight: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
@@ -162,6 +163,7 @@ class WorkerSet:
         elif kind is Kind.REGISTER:
             handle.methods = header.get("methods", {})
             handle.streaming = set(header.get("streaming", []))
+            handle.signatures = header.get("signatures", {})
             handle.request_timeout_s = header.get("request_timeout_s")
             handle.payload["version"] = int(header.get("version", handle.version))  # 0 resolved to a real one
             handle.state = WorkerState.READY

@@ -92,7 +92,7 @@ class ZmqFrontend:
             if header.get("stream") is True:
                 await self._stream(client, request_id, servable, method, version, instances, timeout)
                 return
-            results = await self.dispatcher.predict(servable, method, version, instances, timeout)
+            results = await self.dispatcher.predict(servable, method, version, instances, timeout, protocol="zmq")
         except ServingError as exc:
             await self._reply(client, {"id": request_id, "error_msg": [error_entry(exc)]}, [])
             return
@@ -111,7 +111,8 @@ class ZmqFrontend:
         if task is not None:
             self._streams[key] = task
         try:
-            async for piece in self.dispatcher.predict_stream(servable, method, version, instances, timeout):
+            async for piece in self.dispatcher.predict_stream(servable, method, version, instances, timeout,
+                                                              protocol="zmq"):
                 buffers: list[Any] = []
                 item: dict[str, Any] = {"index": piece.index}
                 try:

@@ -28,6 +28,7 @@ from servable_framework.wire import Kind, Value, decode_instances, encode_instan
 from servable_framework.worker.batcher import ModelBatcher
 from servable_framework.worker.cancel import CancelToken
 from servable_framework.worker.pipeline import MethodRunner
+from servable_framework.worker.signatures import method_signatures
 from servable_framework.worker.streaming import Piece
 from servable_framework.worker.values import from_stage_output
 
@@ -84,7 +85,9 @@ class Worker:
             "worker_id": self.worker_id, "version": p["version"],
             "methods": {name: m.required_inputs for name, m in loaded.spec.methods.items()},
             "streaming": sorted(name for name, m in loaded.spec.methods.items() if m.stream),
-            "request_timeout_s": loaded.spec.request_timeout_s}
+            "request_timeout_s": loaded.spec.request_timeout_s,
+            # inputs/outputs with what is known of their types, for protocol metadata (KServe v2)
+            "signatures": method_signatures(loaded.spec, {k: b.backend for k, b in self.batchers.items()})}
         await transport.send(self.sock, Kind.REGISTER, self.register_header)
         log.info("servable '%s' version %d ready, methods: %s", loaded.spec.name, p["version"],
                  sorted(self.register_header["methods"]))
