@@ -15,6 +15,10 @@ TP inside a stage, pipeline stages across). Method ``predict``, streaming too (R
 ``messages`` is a JSON string of OpenAI-style chat messages (roles system / user / assistant; content a string
 or a list of ``{"type": "text", "text": ...}`` parts). Greedy decoding unless ``temperature > 0``.
 
+Method ``chat`` (streaming) is the OpenAI-compatible chat (``POST /v1/chat/completions`` with ``"model": "qwen_text"``,
+see servable_framework/main/openai_api.py): inputs ``messages``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``;
+outputs ``text``, ``prompt_tokens`` and ``completion_tokens`` (the token ids; their counts are the usage).
+
 Deployment knobs (environment, read when this file is imported by the Worker):
 ``QWEN_TEXT_CHECKPOINT`` (default: the tiny offline model, built on first use under ``tiny_models/``),
 ``QWEN_TEXT_RANK_SIZE`` (2), ``QWEN_TEXT_STAGE_SIZE`` (1), ``QWEN_TEXT_MAX_NEW_TOKENS`` (default 64),
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from servable_framework.engine.sampling import sampling_vector
+from servable_framework.engine.sampling import request_number, sampling_vector
 from servable_framework.server import distributed, register
 
 from .tiny_model import build_tiny_qwen_text
@@ -119,3 +123,29 @@ def predict(prompt=None, messages=None, max_new_tokens=None, temperature=None, t
     output_ids = register.add_stage(model, input_ids, sampling, outputs_count=1)
     text = register.add_stage(postprocess, output_ids, outputs_count=1)
     return text
+
+
+def chat_preprocess(messages, max_tokens, temperature, top_p, seed):
+    n = request_number(max_tokens, "max_tokens", int, DEFAULT_MAX_NEW_TOKENS)
+    if not 1 <= n <= MAX_NEW_TOKENS_CAP:
+        raise ValueError(f"max_tokens {n} is out of range [1, {MAX_NEW_TOKENS_CAP}] (the server cap)")
+    return preprocess(None, messages, max_tokens, temperature, top_p, None, seed)
+
+
+def chat_postprocess(input_ids, output_ids, sampling):
+    """(text, prompt token ids, completion token ids, the token limit): the ids stream as rows, their counts are
+    the usage; a completion as long as the limit finished on it ("length"), a shorter one on EOS."""
+    ids = np.asarray(output_ids, dtype=np.int64).reshape(-1)
+    limit = np.int64(np.asarray(sampling).reshape(-1)[0])
+    return postprocess(ids), np.asarray(input_ids, dtype=np.int64).reshape(-1), ids, limit
+
+
+# the OpenAI-compatible chat (``POST /v1/chat/completions``, see servable_framework/main/openai_api.py)
+@register.register_method(output_names=["text", "prompt_tokens", "completion_tokens", "max_tokens"], stream=True)
+def chat(messages, max_tokens=None, temperature=None, top_p=None, seed=None):
+    input_ids, sampling = register.add_stage(
+        chat_preprocess, messages, max_tokens, temperature, top_p, seed, outputs_count=2)
+    output_ids = register.add_stage(model, input_ids, sampling, outputs_count=1)
+    text, prompt_tokens, completion_tokens, limit = register.add_stage(chat_postprocess, input_ids, output_ids,
+                                                                       sampling, outputs_count=4)
+    return text, prompt_tokens, completion_tokens, limit
