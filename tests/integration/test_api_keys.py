@@ -45,8 +45,8 @@ def test_every_configured_key_works(keyed_server, key: str) -> None:
     r = call(rest, "GET", "/metrics", key)
     assert r.status_code == 200 and "servable_requests_total" in r.text
     # the other protocols' routes are past the check (they may not exist yet: anything but 401)
-    assert call(rest, "GET", "/v1/models", key).status_code != 401
-    assert call(rest, "GET", "/v2", key).status_code != 401
+    assert call(rest, "GET", "/v1/models", key).status_code == 200
+    assert call(rest, "GET", "/v2", key).status_code == 200
 
 
 @pytest.mark.parametrize("key", [None, WRONG, "", f"{FILE_KEYS[0]}x", FILE_KEYS[0][:-1]])
@@ -87,12 +87,9 @@ def test_openai_client_sends_the_key(keyed_server) -> None:
     with pytest.raises(openai.AuthenticationError) as info:
         client.models.list()
     assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
-    # with the right key the request gets past the check (the route itself may not exist yet)
+    # with the right key it works (tensor_add has no chat method: no model to list)
     client = openai.OpenAI(base_url=f"{rest.base}/v1", api_key=FILE_KEYS[1], max_retries=0, timeout=30)
-    try:
-        client.models.list()
-    except openai.APIStatusError as exc:
-        assert exc.status_code != 401, exc
+    assert list(client.models.list()) == []
 
 
 def test_no_key_reaches_the_logs(keyed_server) -> None:
