@@ -424,6 +424,9 @@ class Agent:
             except Exception:
                 pass
         self.sock.close(linger=200)
+        # deliver what is still queued (a FAILED or EXIT just sent) before the process exits: os._exit follows,
+        # which would drop it; term() waits for the socket's linger at most
+        self.ctx.term()
 
 
 def procs_status(payload: dict[str, Any], status: bytes) -> None:
@@ -457,6 +460,7 @@ async def _amain(payload: dict[str, Any]) -> int:
         except Exception:
             pass
         agent.sock.close(linger=500)
+        agent.ctx.term()
         return 1
     run.cancel()
     await agent.close()
