@@ -117,6 +117,9 @@ class SlotKVCache:
                 for layer in range(self.num_layers):
                     store[layer][:m, :, :width] = store[layer][:, :, :width].index_select(0, index)
             self.valid[:m, :width] = self.valid[:, :width].index_select(0, index)
+        # a slot's earlier occupant may have been longer: its columns past `width` must not stay valid for the
+        # row that moved in (a row's columns past its own length are never valid)
+        self.valid[:len(rows), width:] = False
         self.lengths = [self.lengths[r] for r in rows]
 
 

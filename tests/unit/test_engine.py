@@ -121,3 +121,26 @@ def test_sampling_params_round_trip_the_wire() -> None:
     p = SamplingParams.from_vector(np.array([8, 0.7, 0.9, 40, 7.0]), stop=[[1, 2], [], [3]])
     assert p == SamplingParams(8, 0.7, 0.9, 40, 7, ((1, 2), (3,)))
     assert SamplingParams.from_wire(p.to_wire()) == p
+
+
+def test_a_row_moved_into_a_longer_rows_slot_does_not_see_its_columns() -> None:
+    """Compaction moves a short row into the slot of a longer one that left: the old occupant's columns past
+    the moved row's length must stay masked (else the moved row attends to a stranger's keys)."""
+    torch.manual_seed(1)
+    cache = SlotKVCache(num_layers=1, kv_heads=H, head_dim=D, dtype=torch.float32, device=torch.device("cpu"))
+    naive: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for n in (10, 2, 3):  # three rows prefilled one after another: slots 0, 1, 2
+        k, v = torch.randn(1, H, n, D), torch.randn(1, H, n, D)
+        cache.prefill(torch.ones(1, n, dtype=torch.bool)).update(k, v, 0)
+        naive.append((k[0], v[0]))
+    cache.keep([1, 2])  # the long row leaves: rows of 2 and 3 tokens move down into slots 0 and 1
+    naive = naive[1:]
+    for _ in range(4):
+        q, k, v = torch.randn(2, H, 1, D), torch.randn(2, H, 1, D), torch.randn(2, H, 1, D)
+        view = cache.decode()
+        keys, values = view.update(k, v, 0)
+        got = attend(q, keys, values, view.mask)
+        for r in range(2):
+            naive[r] = (torch.cat([naive[r][0], k[r]], dim=1), torch.cat([naive[r][1], v[r]], dim=1))
+            want = attend(q[r:r + 1], naive[r][0][None], naive[r][1][None], None)
+            torch.testing.assert_close(got[r:r + 1], want, rtol=1e-5, atol=1e-6)
