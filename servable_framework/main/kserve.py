@@ -59,6 +59,7 @@ from servable_framework.errors import (
     Unavailable,
 )
 from servable_framework.main.dispatcher import Dispatcher
+from servable_framework.main.http import read_limited, request_timeout, unless_client_leaves
 from servable_framework.main.kserve_codec import HEADER_LENGTH, DecodedRequest, datatype_of, decode_request
 from servable_framework.main.kserve_codec import encode_response as encode_infer_response
 from servable_framework.main.workers import WorkerHandle, WorkerState
@@ -84,7 +85,6 @@ def _server_version() -> str:
 
 def routes(dispatcher: Dispatcher, max_msg_bytes: int) -> list[BaseRoute]:
     """The routes this protocol adds to Main's REST app (mounted before MindSpore's catch-all route)."""
-    from servable_framework.main import rest  # its request helpers; imported here: rest imports this module
 
     version = _server_version()
 
@@ -108,12 +108,12 @@ def routes(dispatcher: Dispatcher, max_msg_bytes: int) -> list[BaseRoute]:
         return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else 503)
 
     async def infer(request: Request) -> Response:
-        body = _decompressed(request, await rest._read_limited(request, max_msg_bytes), max_msg_bytes)
+        body = _decompressed(request, await read_limited(request, max_msg_bytes), max_msg_bytes)
         model = _resolve(dispatcher, request)
         decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
         _check_names(model, decoded)
-        timeout = rest._timeout(request) or decoded.timeout_s
-        results = await rest._unless_client_leaves(
+        timeout = request_timeout(request) or decoded.timeout_s
+        results = await unless_client_leaves(
             request, dispatcher.predict(model.servable, model.method, model.version, [decoded.instance], timeout,
                                         protocol="kserve"))
         if len(results) != 1:

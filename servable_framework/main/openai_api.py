@@ -52,6 +52,15 @@ from servable_framework.errors import (
     Unavailable,
 )
 from servable_framework.main.dispatcher import Dispatcher, StreamPiece
+from servable_framework.main.http import (
+    EVENT_STREAM,
+    SSE_HEADERS,
+    EventStream,
+    read_limited,
+    request_timeout,
+    sse,
+    unless_client_leaves,
+)
 from servable_framework.wire import Instance
 
 log = logging.getLogger("servable_framework.openai")
@@ -330,8 +339,6 @@ def chat_models(dispatcher: Dispatcher) -> list[str]:
 
 def routes(dispatcher: Dispatcher, max_msg_bytes: int) -> list[BaseRoute]:
     """The routes this protocol adds to Main's REST app (mounted before MindSpore's catch-all route)."""
-    # rest imports this module: its helpers are taken once both are loaded
-    from servable_framework.main.rest import _EventStream, _read_limited, _timeout, _unless_client_leaves
 
     created = int(time.time())
 
@@ -363,13 +370,13 @@ def routes(dispatcher: Dispatcher, max_msg_bytes: int) -> list[BaseRoute]:
         return JSONResponse(model_card(name))
 
     async def chat_completions(request: Request) -> Response:
-        req = parse_request(await _read_limited(request, max_msg_bytes))
+        req = parse_request(await read_limited(request, max_msg_bytes))
         if req.model not in chat_models(dispatcher):
             starting = any(h.servable == req.model and not h.methods for h in dispatcher.workers.workers.values())
             if not starting:
                 raise _unknown_model(req.model)
             dispatcher.pick(req.model, CHAT_METHOD, 0)  # not registered yet: raises why (unavailable)
-        timeout = _timeout(request)
+        timeout = request_timeout(request)
         ident, created_at = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         usage = Usage()
 
@@ -390,7 +397,7 @@ def routes(dispatcher: Dispatcher, max_msg_bytes: int) -> list[BaseRoute]:
         if not req.stream and not req.stops:
             # nothing to cut on the way: one plain predict (no per-step postprocess in the Worker); the finish
             # reason follows from the counts (the engine leaves EOS out, so only the limit makes a full count)
-            results = await _unless_client_leaves(request, dispatcher.predict(
+            results = await unless_client_leaves(request, dispatcher.predict(
                 req.model, CHAT_METHOD, 0, [req.instance()], timeout, protocol="openai"))
             result = results[0]
             if isinstance(result, ServingError):
@@ -403,7 +410,7 @@ def routes(dispatcher: Dispatcher, max_msg_bytes: int) -> list[BaseRoute]:
             limit = result.get("max_tokens")
             finish = "length" if isinstance(limit, np.ndarray) and usage.completion_tokens >= int(limit) else "stop"
         elif not req.stream:
-            content, finish = await _unless_client_leaves(request, whole())
+            content, finish = await unless_client_leaves(request, whole())
         if not req.stream:
             return JSONResponse({
                 "id": ident, "object": "chat.completion", "created": created_at, "model": req.model,
@@ -420,7 +427,7 @@ def routes(dispatcher: Dispatcher, max_msg_bytes: int) -> list[BaseRoute]:
             if include_usage:
                 body["usage"] = None
             body.update(more)
-            return _sse(body)
+            return sse(body)
 
         def choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
             return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
@@ -429,7 +436,7 @@ def routes(dispatcher: Dispatcher, max_msg_bytes: int) -> list[BaseRoute]:
             return await events.__anext__()
 
         # the first event before the 200: a request refused or failed early gets its status code
-        head = await _unless_client_leaves(request, first())
+        head = await unless_client_leaves(request, first())
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -445,16 +452,15 @@ def routes(dispatcher: Dispatcher, max_msg_bytes: int) -> list[BaseRoute]:
                 if include_usage:
                     yield chunk([], usage=usage.body())
             except ServingError as exc:  # the 200 is gone: say it in the stream
-                yield _sse(error_body(exc))
+                yield sse(error_body(exc))
             except Exception as exc:
                 log.exception("unexpected error in a chat stream")
-                yield _sse(error_body(ServingError(f"internal error: {type(exc).__name__}")))
+                yield sse(error_body(ServingError(f"internal error: {type(exc).__name__}")))
             finally:
                 await events.aclose()
             yield b"data: [DONE]\n\n"
 
-        return _EventStream(chunks(), media_type="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(chunks(), media_type=EVENT_STREAM, headers=SSE_HEADERS)
 
     async def unknown_route(request: Request) -> Response:
         raise OpenAIError(f"no route {request.method} {request.url.path}", status=404, code="unknown_url")
@@ -471,7 +477,3 @@ def routes(dispatcher: Dispatcher, max_msg_bytes: int) -> list[BaseRoute]:
 def _unknown_model(name: str) -> OpenAIError:
     return OpenAIError(f"The model `{name}` does not exist or cannot chat (GET /v1/models lists those that can)",
                        "model", status=404, code="model_not_found")
-
-
-def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"

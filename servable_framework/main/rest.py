@@ -23,38 +23,36 @@ The response ends after the last event of every instance. A client that hangs up
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from servable_framework.errors import (
-    ClientClosedRequest,
-    InvalidInput,
     MethodNotAllowed,
     Overloaded,
-    PayloadTooLarge,
     ServingError,
 )
 from servable_framework.main import auth, kserve, openai_api
 from servable_framework.main.dispatcher import Dispatcher, Result, StreamPiece
+from servable_framework.main.http import (
+    EVENT_STREAM,
+    SSE_HEADERS,
+    EventStream,
+    read_limited,
+    request_timeout,
+    sse,
+    unless_client_leaves,
+)
 from servable_framework.main.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from servable_framework.main.rest_codec import encode_error, encode_outputs, encode_results, parse_body, parse_url
 
 log = logging.getLogger("servable_framework.rest")
 
-TIMEOUT_HEADER = "x-request-timeout-s"
-EVENT_STREAM = "text/event-stream"
-T = TypeVar("T")
 
 
 def _error_response(exc: ServingError) -> Response:
@@ -79,14 +77,14 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int, api_keys: auth.ApiKeys
             if request.method != "POST":
                 raise MethodNotAllowed("http message only support POST right now")
             target = parse_url(request.url.path)
-            body = await _read_limited(request, max_msg_bytes)
+            body = await read_limited(request, max_msg_bytes)
             instances = parse_body(body)
-            timeout = _timeout(request)
+            timeout = request_timeout(request)
             if EVENT_STREAM in request.headers.get("accept", "").lower():
                 stream = dispatcher.predict_stream(target.servable, target.method, target.version, instances,
                                                    timeout, protocol="rest")
                 return await _stream_response(request, stream, len(instances))
-            results = await _unless_client_leaves(
+            results = await unless_client_leaves(
                 request, dispatcher.predict(target.servable, target.method, target.version, instances, timeout,
                                             protocol="rest"))
         except ServingError as exc:
@@ -141,28 +139,15 @@ async def _stream_response(request: Request, stream: AsyncIterator[StreamPiece],
             early.append(piece)
         return None
 
-    head = await _unless_client_leaves(request, first())
+    head = await unless_client_leaves(request, first())
     if head is None:  # every instance failed before any output
         results: list[Result] = [ServingError("the instance ended without outputs")] * count
         for piece in early:
             if piece.error is not None and 0 <= piece.index < count:
                 results[piece.index] = piece.error
         return _results_response(results)
-    return _EventStream(_events([*early, head], stream), media_type=EVENT_STREAM,
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-class _EventStream(StreamingResponse):
-    """A StreamingResponse that always closes its iterator, also when the client hung up mid-stream (Starlette
-    cancels the sending task then), so the request is cancelled at once rather than when it is collected."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+    return EventStream(_events([*early, head], stream), media_type=EVENT_STREAM,
+                        headers=SSE_HEADERS)
 
 
 async def _events(head: list[StreamPiece], stream: AsyncIterator[StreamPiece]) -> AsyncIterator[bytes]:
@@ -172,10 +157,10 @@ async def _events(head: list[StreamPiece], stream: AsyncIterator[StreamPiece]) -
         async for piece in stream:
             yield _event(piece)
     except ServingError as exc:
-        yield _sse({"error_msg": exc.message}, "error")
+        yield sse({"error_msg": exc.message}, "error")
     except Exception as exc:  # a bug: the 200 is gone, say it in the stream
         log.exception("unexpected error in a stream")
-        yield _sse({"error_msg": f"Serving Error: internal error: {type(exc).__name__}"}, "error")
+        yield sse({"error_msg": f"Serving Error: internal error: {type(exc).__name__}"}, "error")
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
@@ -185,66 +170,10 @@ async def _events(head: list[StreamPiece], stream: AsyncIterator[StreamPiece]) -
 def _event(piece: StreamPiece) -> bytes:
     if piece.error is None:
         try:
-            return _sse({"index": piece.index, **encode_outputs(piece.outputs), "finish_reason": piece.finish})
+            return sse({"index": piece.index, **encode_outputs(piece.outputs), "finish_reason": piece.finish})
         except ServingError as exc:
             piece = StreamPiece(piece.index, {}, error=exc)
     assert piece.error is not None
-    return _sse({"index": piece.index, "error_msg": piece.error.message}, "error")
+    return sse({"index": piece.index, "error_msg": piece.error.message}, "error")
 
 
-def _sse(data: dict[str, Any], event: str | None = None) -> bytes:
-    """One Server-Sent Event: an optional ``event:`` line, one ``data:`` line of JSON, a blank line."""
-    text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return (f"event: {event}\n" if event else "").encode() + b"data: " + text.encode() + b"\n\n"
-
-
-async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Await ``work``; if the client hangs up first, cancel it (the dispatcher then cancels the request in the
-    Worker and on the Agents: a generation nobody will read stops) and raise `ClientClosedRequest`."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        log.info("client of %s went away: request cancelled", request.url.path)
-        raise ClientClosedRequest("the client closed the connection before the answer")
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the ASGI server reports the client gone (the body was read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """Read the body, refusing (413) as soon as it exceeds ``limit`` bytes, declared or actual."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"http message is bigger than {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"http message is bigger than {limit}")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _timeout(request: Request) -> float | None:
-    raw = request.headers.get(TIMEOUT_HEADER)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 1e6:
-        raise InvalidInput(f"header {TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}")
-    return value

@@ -1,0 +1,96 @@
+"""HTTP plumbing shared by Main's REST protocols (MindSpore's, OpenAI's, KServe's): body reading with a size
+limit, the request-deadline header, Server-Sent Events, and cancelling a request whose client hung up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from servable_framework.errors import ClientClosedRequest, InvalidInput, PayloadTooLarge
+
+log = logging.getLogger("servable_framework.rest")
+
+TIMEOUT_HEADER = "x-request-timeout-s"
+EVENT_STREAM = "text/event-stream"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+T = TypeVar("T")
+
+
+class EventStream(StreamingResponse):
+    """A StreamingResponse that always closes its iterator, also when the client hung up mid-stream (Starlette
+    cancels the sending task then), so the request is cancelled at once rather than when it is collected."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def sse(data: dict[str, Any], event: str | None = None) -> bytes:
+    """One Server-Sent Event: an optional ``event:`` line, one ``data:`` line of JSON, a blank line."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "").encode() + b"data: " + text.encode() + b"\n\n"
+
+
+async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``; if the client hangs up first, cancel it (the dispatcher then cancels the request in the
+    Worker and on the Agents: a generation nobody will read stops) and raise `ClientClosedRequest`."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("client of %s went away: request cancelled", request.url.path)
+        raise ClientClosedRequest("the client closed the connection before the answer")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the ASGI server reports the client gone (the body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """Read the body, refusing (413) as soon as it exceeds ``limit`` bytes, declared or actual."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"http message is bigger than {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"http message is bigger than {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def request_timeout(request: Request) -> float | None:
+    """The deadline the client asked for in the ``X-Request-Timeout-S`` header (None: the server's default)."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise InvalidInput(f"header {TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}")
+    return value
