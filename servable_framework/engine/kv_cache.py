@@ -144,9 +144,6 @@ class CacheView:
             values[index, :, cols] = value_states[:, :, 0]
         return keys[self.rows, :, :self.width], values[self.rows, :, :self.width]
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.width
-
     def mask_for(self, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
         """The pass's mask as the attention implementation wants it: boolean for ``"sdpa"``; additive (0 where
         attended, the dtype's minimum elsewhere) for ``"eager"``, which adds its mask to the scores."""
