@@ -7,7 +7,10 @@
 Results: one dict per instance (numpy arrays; a single string -> ``str``; bytes -> ``bytes``); a failed
 instance is ``{"error": text}``; a whole-request failure returns ``{"error": text}`` instead of a list.
 A server that is down or silent gives ``{"error": "ZMQ Error, (14, 'unavailable'), ..."}`` after
-``connect_timeout_s`` / ``timeout_s``; calls never block forever. One Client may be used from many threads.
+``connect_timeout_s`` / ``timeout_s``; calls never block forever. A connection lost while calls wait ends them at
+once (``unavailable``: their replies cannot come back on a new connection), and so does a reply the client cannot
+decode (``ZMQ Error, (13, 'internal'), malformed reply ...``: the call it names, or every waiting call when it
+names none). One Client may be used from many threads.
 
 Streaming methods (``register_method(..., stream=True)``): ``for piece in client.infer_stream(instances)``
 yields pieces as the server produces them (see `Client.infer_stream`).
@@ -26,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from servable_framework import transport
 from servable_framework.servable import checks
@@ -35,6 +39,7 @@ Reply = list[dict[str, Any]] | dict[str, Any]
 UNAVAILABLE = "ZMQ Error, (14, 'unavailable')"
 DEADLINE = "ZMQ Error, (4, 'deadline exceeded')"
 RESOURCE_EXHAUSTED = "ZMQ Error, (8, 'resource exhausted')"
+INTERNAL = "ZMQ Error, (13, 'internal')"
 CLIENT_MAX_BYTES = 512 * 1024 * 1024
 
 
@@ -177,9 +182,12 @@ class _Channel:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: a down server is noticed
         sock.setsockopt(zmq.MAXMSGSIZE, CLIENT_MAX_BYTES)
         sock.connect(self.endpoint)
+        # a lost connection must end the calls waiting on it: their replies would go to the old peer identity
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self.wake_r, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         waiting: list[tuple[int, list[Any], _Waiter | None, float, float]] = []  # not yet sent: no connection
         while not self.closed:
             events = dict(poller.poll(50))
@@ -193,10 +201,24 @@ class _Channel:
             waiting = [w for w in waiting if not self._try_send(sock, *w)]
             if sock in events:
                 self._receive(sock)
+            if monitor in events:
+                self._on_monitor(monitor)
             self._expire()
-        for waiter, _ in self.pending.values():
-            waiter.fail(f"{UNAVAILABLE}, the client was closed")
+        self._fail_all(f"{UNAVAILABLE}, the client was closed")
+        sock.disable_monitor()
+        monitor.close(0)
         sock.close(0)
+
+    def _fail_all(self, text: str) -> None:
+        pending, self.pending = self.pending, {}
+        for waiter, _ in pending.values():
+            waiter.fail(text)
+
+    def _on_monitor(self, monitor: zmq.Socket[Any]) -> None:
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)
+            if event["event"] == zmq.EVENT_DISCONNECTED and self.pending:
+                self._fail_all(f"{UNAVAILABLE}, the connection to {self.endpoint} was lost before the reply came")
 
     def _try_send(self, sock: zmq.Socket[Any], rid: int, frames: list[Any], waiter: _Waiter | None, deadline: float,
                   connect_deadline: float) -> bool:
@@ -221,14 +243,23 @@ class _Channel:
                 return
             try:
                 kind, header, buffers = unpack([f.buffer for f in frames])
-                rid = header.get("id")
-                if not isinstance(rid, int):
-                    continue
-                entry = self.pending.get(rid)
-                if entry is not None and entry[0].deliver(kind, header, buffers):
-                    del self.pending[rid]
-            except Exception as exc:
-                del exc
+            except Exception as exc:  # nothing names its call: every waiting call may be the one it answered
+                self._fail_all(f"{INTERNAL}, malformed reply from {self.endpoint}: {exc}")
+                continue
+            rid = header.get("id")
+            if not isinstance(rid, int):
+                self._fail_all(f"{INTERNAL}, malformed reply from {self.endpoint}: no request id")
+                continue
+            entry = self.pending.get(rid)
+            if entry is None:
+                continue  # a call that already ended (deadline, cancel): its late reply is dropped
+            try:
+                done = entry[0].deliver(kind, header, buffers)
+            except Exception as exc:  # its outputs cannot be decoded: this call fails now, not at its deadline
+                done = True
+                entry[0].fail(f"{INTERNAL}, malformed reply from {self.endpoint}: {exc}")
+            if done:
+                del self.pending[rid]
 
     def _expire(self) -> None:
         now = time.monotonic()

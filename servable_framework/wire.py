@@ -14,6 +14,7 @@ In a header a value is a descriptor: ``{"t": "nd", "dtype": "float32", "shape": 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -94,7 +95,7 @@ def decode_value(desc: Any, buffers: Sequence[Frame]) -> Value:
         raise InvalidInput(f"Unknown data type {desc.get('dtype')!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise InvalidInput(f"malformed tensor shape {shape!r}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python ints: a huge declared shape cannot overflow into a small size
     if count * dtype.itemsize != len(buf):
         raise InvalidInput(f"Tensor check failed: input data size {len(buf)} invalid")
     # frombuffer is zero-copy; the array is read-only, stages that mutate must copy.

@@ -124,12 +124,18 @@ class MethodRunner:
         return {name: slot.values[ref.stage][ref.index] for name, ref in zip(method.output_names, method.returns)}
 
     def _fail(self, method: MethodSpec, k: int, stage: StageSpec, exc: BaseException) -> ServingError:
-        """Wrap a stage failure in MindSpore's text. ValueError/TypeError/KeyError raised by user code mean
-        "bad input" by convention and become `InvalidInput` (HTTP 400); anything else is a server error."""
+        """Wrap a stage failure in MindSpore's text. The rule: a `ValueError` raised by user code means "bad
+        input" and becomes `InvalidInput` (HTTP 400); a `ServingError` keeps its own kind; anything else
+        (`TypeError`, `KeyError`, ... : most often the stage's own bug) is a server error (HTTP 500) and is
+        logged with its traceback, since blaming the client would hide the bug from whoever runs the server."""
         text = exc.message if isinstance(exc, ServingError) else str(exc)
-        log.debug("stage %d of %s failed", k, method.name, exc_info=exc)
         cls: type[ServingError] = type(exc) if isinstance(exc, ServingError) else \
-            InvalidInput if isinstance(exc, (ValueError, TypeError, KeyError)) else ServingError
+            InvalidInput if isinstance(exc, ValueError) else ServingError
+        if cls is InvalidInput or isinstance(exc, ServingError):
+            log.debug("stage %d of %s failed", k, method.name, exc_info=exc)
+        else:
+            log.error("stage %d (%s) of method %s raised %s: a bug in the stage, answered as a server error",
+                      k, stage.tag, method.name, type(exc).__name__, exc_info=exc)
         return cls(f"Call {stage.tag} Failed, method: '{method.name}', stage index(begin with 1): {k}, "
                    f"error msg: {text}")
 
