@@ -12,9 +12,21 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
+from servable_framework.crypto import safe_open  # safetensors' own; decrypts in memory with a dec_key
 from servable_framework.engine.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelHead
+
+
+def context_length(path: str | Path, limit: int | None = None) -> int:
+    """The longest sequence (prompt + generated tokens) the checkpoint's model takes: ``max_position_embeddings``
+    of its ``config.json`` (of ``text_config`` for multimodal models), lowered to ``limit`` when given (a
+    deployment's own cap, like vLLM's ``max_model_len``)."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    length = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+    if not isinstance(length, int) or length <= 0:
+        raise ValueError(f"{path}/config.json names no max_position_embeddings")
+    return min(length, limit) if limit else length
 
 
 class CheckpointReader:

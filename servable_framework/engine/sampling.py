@@ -88,6 +88,17 @@ def sampling_vector(max_new_tokens: object, temperature: object, top_p: object, 
     return np.array([n_new, temp, p, k, s], dtype=np.float64)
 
 
+def check_fits_context(prompt_tokens: int, sampling: np.ndarray, context: int) -> None:
+    """A servable's preprocess: `ValueError` (a 400 for the client) when the prompt plus the request's
+    ``max_new_tokens`` (``sampling[0]``, see `sampling_vector`) cannot fit the model's context, so such a request
+    never reaches the Agents."""
+    n_new = int(sampling[0])
+    if prompt_tokens + n_new > context:
+        raise ValueError(f"the prompt is {prompt_tokens} tokens and max_new_tokens is {n_new}: {prompt_tokens + n_new}"
+                         f" is over the model's context of {context} tokens; shorten the prompt or lower "
+                         f"max_new_tokens")
+
+
 class Sampler:
     """Per-row sampling state of the running rows (in row order) and the batched draw."""
 

@@ -21,6 +21,10 @@ Deployment knobs (environment, read when this file is imported by the Worker):
 ``QWEN_CHECKPOINT`` (default: the tiny offline model, built on first use under ``tiny_models/``),
 ``QWEN_RANK_SIZE`` (2), ``QWEN_STAGE_SIZE`` (1), ``QWEN_MAX_NEW_TOKENS`` (default 64),
 ``QWEN_MAX_NEW_TOKENS_CAP`` (512), ``QWEN_MAX_BATCH_SIZE`` (8), ``QWEN_MAX_BATCH_DELAY_MS`` (5),
+``QWEN_MAX_MODEL_LEN`` (default: the checkpoint's ``max_position_embeddings``; a prompt (image tokens included)
+whose length plus ``max_new_tokens`` is over it gets a 400 before it reaches the Agents),
+``QWEN_MAX_IMAGE_PIXELS`` (4096 x 4096: a larger image is refused with a 400 before it is decoded; a smaller one
+above the processor's ``max_pixels`` is resized down by the processor, as Qwen does),
 ``QWEN_CONTINUOUS_BATCHING`` (1, the default: a request that arrives while a batch decodes joins it as rows free
 up, so a short request behind a long one is answered in a few steps; on the 2-core CPU benchmark its throughput
 at concurrency 8 is 0.91-1.12x that of static batching, see bench/bench_batching.py; 0: it waits for the running
@@ -34,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from servable_framework.engine.sampling import request_number, sampling_vector
+from servable_framework.engine.checkpoint import context_length
+from servable_framework.engine.sampling import check_fits_context, request_number, sampling_vector
 from servable_framework.server import distributed, register
 
 from .tiny_model import build_tiny_qwen
@@ -44,8 +49,13 @@ REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = os.environ.get("QWEN_CHECKPOINT") or str(build_tiny_qwen(REPO / "tiny_models"))
 DEFAULT_MAX_NEW_TOKENS = int(os.environ.get("QWEN_MAX_NEW_TOKENS", "64"))
 MAX_NEW_TOKENS_CAP = int(os.environ.get("QWEN_MAX_NEW_TOKENS_CAP", "512"))
+CONTEXT = context_length(CHECKPOINT, int(os.environ.get("QWEN_MAX_MODEL_LEN", "0")) or None)
+# decoding an image costs memory by its pixel count, however small its file: refuse huge ones before decoding
+MAX_IMAGE_PIXELS = int(os.environ.get("QWEN_MAX_IMAGE_PIXELS", str(4096 * 4096)))
 
 processor = load_processor(CHECKPOINT)
+# the processor resizes every image to at most this many pixels (Qwen's smart_resize), keeping its aspect ratio
+MAX_PIXELS = getattr(processor.image_processor.size, "longest_edge", None) or processor.image_processor.max_pixels
 # resolve qwen_vl_utils now, at load time, not inside concurrent first requests
 process_vision_info([{"role": "user", "content": [{"type": "text", "text": "warm-up"}]}])
 
@@ -65,9 +75,17 @@ def _image(data):
 
     raw = data.tobytes() if isinstance(data, np.ndarray) else data
     try:
-        img = Image.open(io.BytesIO(raw))
+        img = Image.open(io.BytesIO(raw))  # reads the header only
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"'image' is not a valid PNG/JPEG image: {exc}") from None
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"'image' is {width}x{height} = {width * height} pixels, over this server's cap of "
+                         f"{MAX_IMAGE_PIXELS} (QWEN_MAX_IMAGE_PIXELS); send a smaller image (the model sees at most "
+                         f"{MAX_PIXELS} pixels: larger images are resized down to that)")
+    try:
         img.load()  # decode now: a truncated file fails here, not later in the processor
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (OSError, SyntaxError) as exc:
         raise ValueError(f"'image' is not a valid PNG/JPEG image: {exc}") from None
     return img.convert("RGB")
 
@@ -131,6 +149,7 @@ def preprocess(prompt, image, messages, max_new_tokens, temperature, top_p, top_
     text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     image_inputs = process_vision_info(chat)[0]
     inputs = processor(text=[text], images=image_inputs, return_tensors="np")
+    check_fits_context(len(inputs["input_ids"][0]), sampling, CONTEXT)
     pixel_values = inputs.get("pixel_values")
     grid = inputs.get("image_grid_thw")
     patch_dim = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch (for an empty tensor's shape only)

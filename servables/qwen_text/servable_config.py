@@ -23,6 +23,8 @@ Deployment knobs (environment, read when this file is imported by the Worker):
 ``QWEN_TEXT_CHECKPOINT`` (default: the tiny offline model, built on first use under ``tiny_models/``),
 ``QWEN_TEXT_RANK_SIZE`` (2), ``QWEN_TEXT_STAGE_SIZE`` (1), ``QWEN_TEXT_MAX_NEW_TOKENS`` (default 64),
 ``QWEN_TEXT_MAX_NEW_TOKENS_CAP`` (512), ``QWEN_TEXT_MAX_BATCH_SIZE`` (8), ``QWEN_TEXT_MAX_BATCH_DELAY_MS`` (5),
+``QWEN_TEXT_MAX_MODEL_LEN`` (default: the checkpoint's ``max_position_embeddings``; a prompt whose length plus
+``max_new_tokens`` is over it gets a 400 before it reaches the Agents),
 ``QWEN_TEXT_CONTINUOUS_BATCHING`` (1, the default: a request that arrives while a batch decodes joins it as rows
 free up; 0: it waits for the running batch to finish).
 """
@@ -33,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from servable_framework.engine.sampling import request_number, sampling_vector
+from servable_framework.engine.checkpoint import context_length
+from servable_framework.engine.sampling import check_fits_context, request_number, sampling_vector
 from servable_framework.server import distributed, register
 
 from .tiny_model import build_tiny_qwen_text
@@ -42,6 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = os.environ.get("QWEN_TEXT_CHECKPOINT") or str(build_tiny_qwen_text(REPO / "tiny_models"))
 DEFAULT_MAX_NEW_TOKENS = int(os.environ.get("QWEN_TEXT_MAX_NEW_TOKENS", "64"))
 MAX_NEW_TOKENS_CAP = int(os.environ.get("QWEN_TEXT_MAX_NEW_TOKENS_CAP", "512"))
+CONTEXT = context_length(CHECKPOINT, int(os.environ.get("QWEN_TEXT_MAX_MODEL_LEN", "0")) or None)
 
 
 def _load_tokenizer(path):
@@ -107,6 +111,7 @@ def preprocess(prompt, messages, max_new_tokens, temperature, top_p, top_k, seed
                                default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS, max_new_tokens_cap=MAX_NEW_TOKENS_CAP)
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    check_fits_context(len(input_ids), sampling, CONTEXT)
     return np.asarray(input_ids, dtype=np.int64), sampling
 
 

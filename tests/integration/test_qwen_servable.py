@@ -134,6 +134,8 @@ def test_sampling_is_seeded(qwen) -> None:
     inst = {"prompt": "Tell me a story", "max_new_tokens": 10, "temperature": 1.5, "top_k": 50, "top_p": 0.95}
     a = predict(rest, [{**inst, "seed": 7}, {**inst, "seed": 7}, {**inst, "seed": 8}]).json()["instances"]
     assert a[0] == a[1]
+    # a seed that were ignored (greedy decoding, or one shared generator) would give seed 8 the same text
+    assert a[2] != a[0], "a different seed must give a different sample"
     again = predict(rest, [{**inst, "seed": 7}]).json()["instances"][0]
     assert again == a[0]
 
@@ -314,3 +316,31 @@ def test_abandoned_generation_is_stopped_on_the_agents(qwen, reference, how) -> 
     wait_until(lambda: cancelled_instances(rest, "running") == stopped0 + 1, 30, "the output rank to stop the row")
     r = predict(rest, [{"prompt": "Hello, world!", "max_new_tokens": 5}])  # the ranks are still in step
     assert r.status_code == 200 and r.json()["instances"][0]["text"] == reference("Hello, world!", None, 5)
+
+
+def test_image_over_the_pixel_cap_is_refused_before_decoding(qwen) -> None:
+    _, _, rest, _ = qwen
+    huge = png("white", (4100, 4100))  # 16.8 Mpx, over the default cap of 4096 x 4096; a small file
+    r = predict(rest, [{"prompt": "hi", "image": {"b64": base64.b64encode(huge).decode()}}])
+    assert r.status_code == 400, r.text
+    assert "'image' is 4100x4100 = 16810000 pixels, over this server's cap of 16777216" in r.json()["error_msg"]
+
+
+def test_image_over_max_pixels_is_resized_like_the_reference(qwen, reference) -> None:
+    _, _, rest, _ = qwen
+    large = png("purple", (400, 300))  # 120,000 px, ~10x the tiny processor's max_pixels (12,544)
+    r = predict(rest, [{"prompt": "What is this?", "image": {"b64": base64.b64encode(large).decode()},
+                        "max_new_tokens": 6}])
+    assert r.status_code == 200, r.text
+    assert r.json()["instances"][0]["text"] == reference("What is this?", large, 6)
+
+
+def test_prompt_over_the_context_is_refused_before_the_agents(qwen) -> None:
+    _, _, rest, _ = qwen
+    prompt = "hello " * 1900  # ~1,900 tokens: fits the tiny model's 2,048 alone, not with 512 new tokens
+    r = predict(rest, [{"prompt": prompt, "max_new_tokens": 512}])
+    assert r.status_code == 400, r.text
+    assert re.search(r"the prompt is \d+ tokens and max_new_tokens is 512: \d+ is over the model's context of "
+                     r"2048 tokens", r.json()["error_msg"]), r.text
+    ok = predict(rest, [{"prompt": "Hello, world!", "max_new_tokens": 3}])
+    assert ok.status_code == 200, ok.text

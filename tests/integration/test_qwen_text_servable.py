@@ -156,6 +156,8 @@ def test_sampling_is_seeded(served: tuple[Rest, str]) -> None:
     inst = {"prompt": "Tell me a story", "max_new_tokens": 10, "temperature": 1.5, "top_k": 50, "top_p": 0.95}
     a = predict(rest, [{**inst, "seed": 7}, {**inst, "seed": 7}, {**inst, "seed": 8}]).json()["instances"]
     assert a[0] == a[1]
+    # a seed that were ignored (greedy decoding, or one shared generator) would give seed 8 the same text
+    assert a[2] != a[0], "a different seed must give a different sample"
     assert predict(rest, [{**inst, "seed": 7}]).json()["instances"][0] == a[0]
 
 
@@ -166,6 +168,7 @@ def test_sampling_is_seeded(served: tuple[Rest, str]) -> None:
     ({"messages": "not json"}, "'messages' is not valid JSON"),
     ({"messages": json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])},
      "this servable takes text only"),
+    ({"prompt": "hello " * 1900, "max_new_tokens": 512}, "is over the model's context of 2048 tokens"),
 ])
 def test_bad_requests_get_contract_errors_and_server_keeps_serving(served: tuple[Rest, str], reference: Reference,
                                                                     instance: dict[str, Any], fragment: str) -> None:
