@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
 from servable_framework.agent.shard import InstanceValues, ModelShard, ShardContext, register_shard
+from servable_framework.crypto import safe_open  # safetensors' own; decrypts in memory with a dec_key
 from servable_framework.engine.transfer import StageKind, StageMessage, StageTransfer
 
 

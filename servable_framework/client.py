@@ -31,7 +31,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from servable_framework import transport
+from servable_framework import curve, transport
 from servable_framework.servable import checks
 from servable_framework.wire import DTYPES, Kind, Value, decode_value, encode_value, pack, unpack
 
@@ -160,9 +160,10 @@ class _Channel:
 
     _ids = itertools.count(1)
 
-    def __init__(self, endpoint: str, connect_timeout_s: float) -> None:
+    def __init__(self, endpoint: str, connect_timeout_s: float, keys: curve.CurveKeys | None) -> None:
         self.endpoint = endpoint
         self.connect_timeout_s = connect_timeout_s
+        self.keys = keys
         # (rid, frames, waiter, deadline); waiter None: a message without a reply (CANCEL: forget rid)
         self.outbox: queue.Queue[tuple[int, list[Any], _Waiter | None, float]] = queue.Queue()
         self.pending: dict[int, tuple[_Waiter, float]] = {}
@@ -181,6 +182,8 @@ class _Channel:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: a down server is noticed
         sock.setsockopt(zmq.MAXMSGSIZE, CLIENT_MAX_BYTES)
+        if self.keys is not None:
+            curve.secure_client(sock, self.keys)
         sock.connect(self.endpoint)
         # a lost connection must end the calls waiting on it: their replies would go to the old peer identity
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -287,12 +290,17 @@ class Client:
             servable's own deadline applies (its ``request_timeout_s``, else Main's, 100 s by default) and the
             client gives up locally after ``LOCAL_TIMEOUT_S``, so a call never blocks forever.
         connect_timeout_s: how long a request waits for a connection before failing as unavailable.
+        keys_dir: a keys directory (`servable_framework.curve`; default ``$SERVABLE_KEYS_DIR``) holding the
+            server's public key ``server.key`` and this client's ``client.key_secret``: the link is CurveZMQ,
+            as a server bound off loopback requires. Without keys a call to such a server fails as unavailable
+            after ``connect_timeout_s`` (the handshake never completes).
     """
 
     LOCAL_TIMEOUT_S = 600.0
 
     def __init__(self, address: str, servable_name: str, method_name: str, version_number: int = 0,
-                 ssl_config: Any = None, *, timeout_s: float | None = None, connect_timeout_s: float = 3.0) -> None:
+                 ssl_config: Any = None, *, timeout_s: float | None = None, connect_timeout_s: float = 3.0,
+                 keys_dir: str | os.PathLike[str] | None = None) -> None:
         checks.check_str("address", address)
         self.servable = checks.check_str("servable_name", servable_name)
         self.method = checks.check_str("method_name", method_name)
@@ -301,7 +309,7 @@ class Client:
             raise RuntimeError("ssl_config is not supported by servable_framework yet")
         self.timeout_s = timeout_s
         self._channel = _Channel(transport.zmq_endpoint(address, "client").replace("tcp://*", "tcp://127.0.0.1"),
-                                 connect_timeout_s)
+                                 connect_timeout_s, curve.resolve(keys_dir))
 
     def _request(self, instances: Any, stream: bool) -> tuple[int, list[Any]] | str:
         """(request id, frames) of one request, or the error text when it is over the client's size limit."""

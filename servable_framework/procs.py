@@ -4,6 +4,9 @@
   read end of a *death pipe*: the child's `watch_parent` thread blocks on it and ends the child when it
   reads EOF, i.e. when the parent died for any reason, SIGKILL included. No polling.
 * `terminate` is the one shutdown escalation: SIGTERM, wait up to ``grace_s``, then SIGKILL.
+* A *standby* child (``spawn(..., payload=None)``) starts at once but reads its payload from a pipe, blocking
+  until the parent calls `Child.give_payload`: it can import its heavy modules ahead of time and take over a
+  job in well under a second instead of the seconds a fresh interpreter needs to import torch.
 """
 
 from __future__ import annotations
@@ -22,16 +25,32 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 PAYLOAD_ENV = "SERVABLE_FRAMEWORK_PAYLOAD"
+PAYLOAD_FD_ENV = "SERVABLE_FRAMEWORK_PAYLOAD_FD"
 DEATH_FD_ENV = "SERVABLE_FRAMEWORK_DEATH_FD"
 
 
 class Child:
-    """A spawned process plus the write end of its death pipe (closing it tells the child to go)."""
+    """A spawned process plus the write end of its death pipe (closing it tells the child to go) and, for a
+    standby, of its payload pipe."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], death_w: int, name: str) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], death_w: int, name: str, payload_w: int = -1) -> None:
         self.proc = proc
         self.death_w = death_w
         self.name = name
+        self.payload_w = payload_w
+
+    def give_payload(self, payload: dict[str, Any]) -> None:
+        """Activate a standby child: write its payload (JSON) and close the pipe. Once only."""
+        if self.payload_w < 0:
+            raise RuntimeError(f"{self.name} is not a standby child, or already has its payload")
+        data = json.dumps(payload).encode()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.payload_w, view):]
+        finally:
+            os.close(self.payload_w)
+            self.payload_w = -1
 
     @property
     def pid(self) -> int:
@@ -44,31 +63,54 @@ class Child:
         if self.death_w >= 0:
             os.close(self.death_w)
             self.death_w = -1
+        if self.payload_w >= 0:  # a standby never activated: EOF on its payload pipe ends it
+            os.close(self.payload_w)
+            self.payload_w = -1
 
 
-def spawn(module: str, payload: dict[str, Any], name: str, log_path: str | None = None,
+def spawn(module: str, payload: dict[str, Any] | None, name: str, log_path: str | None = None,
           env: dict[str, str] | None = None, extra_fds: Iterable[int] = ()) -> Child:
-    """Start ``python -m module``; stdout/stderr go to ``log_path`` (appended) or are inherited."""
+    """Start ``python -m module``; stdout/stderr go to ``log_path`` (appended) or are inherited. ``payload``
+    None: a standby child, whose `read_payload` waits for `Child.give_payload`."""
     death_r, death_w = os.pipe()
     os.set_inheritable(death_r, True)
-    child_env = {**os.environ, **(env or {}), PAYLOAD_ENV: json.dumps(payload), DEATH_FD_ENV: str(death_r)}
+    child_env = {**os.environ, **(env or {}), DEATH_FD_ENV: str(death_r)}
+    fds = [death_r, *extra_fds]
+    payload_w = -1
+    if payload is None:
+        payload_r, payload_w = os.pipe()
+        child_env[PAYLOAD_FD_ENV] = str(payload_r)
+        child_env.pop(PAYLOAD_ENV, None)
+        fds.append(payload_r)
+    else:
+        child_env[PAYLOAD_ENV] = json.dumps(payload)
     child_env.setdefault("OMP_NUM_THREADS", "1")
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child, closed below
     try:
         proc = subprocess.Popen([sys.executable, "-m", module], env=child_env, stdout=out, stderr=out,
-                                pass_fds=(death_r, *extra_fds), start_new_session=True)
+                                pass_fds=fds, start_new_session=True)
     finally:
         os.close(death_r)
+        if payload is None:
+            os.close(payload_r)
         if out is not None:
             out.close()
     log.info("started %s (pid %d)%s", name, proc.pid, f", log: {log_path}" if log_path else "")
-    return Child(proc, death_w, name)
+    return Child(proc, death_w, name, payload_w)
 
 
-def read_payload() -> dict[str, Any]:
-    """In a child: the JSON payload its parent passed to `spawn`."""
-    data: dict[str, Any] = json.loads(os.environ[PAYLOAD_ENV])
-    return data
+def read_payload() -> dict[str, Any] | None:
+    """In a child: the JSON payload its parent passed to `spawn`; a standby blocks here until the parent gives
+    it (None: the parent closed the pipe without one, so there is nothing to do)."""
+    if PAYLOAD_ENV in os.environ:
+        data: dict[str, Any] = json.loads(os.environ[PAYLOAD_ENV])
+        return data
+    fd = int(os.environ[PAYLOAD_FD_ENV])
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    return json.loads(b"".join(chunks)) if chunks else None
 
 
 def watch_parent(on_death: Callable[[], object]) -> None:

@@ -1,4 +1,8 @@
-"""Rank table JSON (MindSpore's ``server_list`` or ``group_list`` layout, contract §6.2): rank -> (ip, device)."""
+"""Rank table JSON (MindSpore's ``server_list`` or ``group_list`` layout, contract §6.2): rank -> (ip, device).
+
+Each rank's ``server_id`` is the address of its host on the network the hosts share: its Agents' collectives
+listen there (gloo/NCCL), so it must be an address of the machine that starts those ranks, never a wildcard.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import json
 import os
 from dataclasses import dataclass
 from typing import Any
+
+WILDCARDS = ("0.0.0.0", "*", "::")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,9 @@ def parse_rank_table(path: str) -> list[RankInfo]:
     for expected, (ip, device, rank) in enumerate(entries):
         if not isinstance(ip, str) or not ip:
             raise RuntimeError("Rank table: 'server_id' should be a non-empty string")
+        if ip in WILDCARDS:  # each rank listens on its host's address and its peers connect to it there
+            raise RuntimeError(f"Rank table: 'server_id' '{ip}' is not a host address; name the address at which "
+                               f"the other hosts reach this host's Agents")
         info = RankInfo(_canonical_int(rank, "rank_id"), ip, _canonical_int(device, "device_id"))
         if info.rank != expected:
             raise RuntimeError(f"Rank table: device size not match rank_id, expected rank {expected}, got {info.rank}")

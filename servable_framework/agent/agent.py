@@ -27,7 +27,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from servable_framework import procs, transport
+from servable_framework import curve, netif, procs, transport
 from servable_framework.agent.shard import InStepError, ModelShard, ShardContext, WaitingBatch, find_shard
 from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.logs import setup_logging
@@ -185,13 +185,44 @@ def _empty(outputs: list[Any]) -> bool:
     return all((isinstance(v, (str, bytes)) or getattr(v, "ndim", 0) > 0) and len(v) == 0 for v in outputs)
 
 
+def bind_collectives(host: str) -> str:
+    """Make gloo and NCCL listen on the interface that holds ``host``, this rank's rank table address, and return
+    that interface. Both pick an interface from the hostname by default: on a host with several networks, or in
+    a network namespace, that is not where the peers on other hosts look for this rank (gloo even falls back to
+    loopback). A variable the user set (``GLOO_SOCKET_IFNAME``, ``NCCL_SOCKET_IFNAME``) is kept.
+
+    Raises:
+        RuntimeError: no interface of this machine holds ``host`` (the message names it and the machine's
+            addresses).
+    """
+    iface = netif.interface_of(host)
+    if iface is None:
+        raise RuntimeError(netif.not_local_message(host, "Rank table host"))
+    # gloo matches the name exactly; NCCL matches a prefix unless the name starts with "="
+    for var, value in (("GLOO_SOCKET_IFNAME", iface), ("NCCL_SOCKET_IFNAME", f"={iface}")):
+        if os.environ.get(var):
+            log.info("%s=%s is set; it is kept (the rank table address %s is on %s)", var, os.environ[var], host,
+                     iface)
+        else:
+            os.environ[var] = value  # read by torch when each process group is created
+    return iface
+
+
 def init_distributed(cfg: dict[str, Any], rank: int, device_id: int, store_host: str) -> tuple[Any, Any, Any]:
     """Join the group of this generation; returns (device, tp_group, cpu_group). On CUDA the default group is
     nccl (tensors) and ``cpu_group`` a gloo group of every rank (host-side metadata); on CPU the default group
-    is gloo and ``cpu_group`` None."""
+    is gloo and ``cpu_group`` None.
+
+    The rendezvous is the Distributed Worker's TCPStore at ``store_host`` (the host this Agent reaches the
+    Worker at); the collectives listen on this rank's own rank table address (`bind_collectives`).
+    """
     import torch
     import torch.distributed as dist
 
+    host = str(cfg["ranks"][rank][0])
+    iface = bind_collectives(host)
+    log.info("rank %d: collectives on %s (interface %s), rendezvous at %s:%s", rank, host, iface, store_host,
+             cfg["store_port"])
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", device_id) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -220,6 +251,9 @@ class Agent:
         self.ctx = zmq.asyncio.Context()
         self.sock = transport.async_socket(self.ctx, zmq.DEALER,
                                            identity=f"agent-{self.rank}-{os.getpid()}".encode())
+        keys = curve.resolve(payload.get("keys_dir"))
+        if keys is not None:  # the startup process checked that keys exist where the Worker requires them
+            curve.secure_client(self.sock, keys)
         self.sock.connect(transport.zmq_endpoint(payload["distributed_address"], "distributed"))
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.inbox = Inbox()
@@ -467,8 +501,27 @@ async def _amain(payload: dict[str, Any]) -> int:
     return agent.exit_code or 0
 
 
+WARM_SHARD_ENV = "SERVABLE_AGENT_WARM_SHARD"
+
+
+def _warm_up(shard: str) -> None:
+    """A standby Agent (see `procs.spawn`): import torch and the shard's module while nobody waits for it."""
+    import torch.distributed  # noqa: F401 - imported for its side effect: the import cost is paid now
+
+    try:
+        find_shard(shard)
+    except Exception:  # the real start reports it, with the rank's context
+        pass
+
+
 def agent_main() -> None:
+    warm = os.environ.get(WARM_SHARD_ENV)
+    if warm is not None:
+        _warm_up(warm)
     payload = procs.read_payload()
+    if payload is None:  # a standby whose startup process ended without needing it
+        procs.exit_now(0)
+        return
     setup_logging(f"agent{payload['rank']}")
     os.environ.update({"RANK_ID": str(payload["rank"]), "DEVICE_ID": str(payload["device_id"])})
     code = asyncio.run(_amain(payload))

@@ -25,8 +25,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from servable_framework import procs
-from servable_framework.agent.agent import EXIT_REJOIN
+from servable_framework import crypto, curve, netif, procs
+from servable_framework.agent.agent import EXIT_REJOIN, WARM_SHARD_ENV
 from servable_framework.agent.worker_link import ServableStopped, WorkerLink
 from servable_framework.logs import setup_logging
 from servable_framework.settings import Settings
@@ -35,27 +35,32 @@ from servable_framework.wire import Kind
 log = logging.getLogger("servable_framework.agent_startup")
 
 
-def local_ranks(ranks: list[tuple[str, int]], rank_start: int | None, count: int | None) -> list[int]:
-    """The ranks this host runs: those sharing the ip of ``rank_start`` (from it on), else of the first local ip."""
+def local_ranks(ranks: list[tuple[str, int]], rank_start: int | None) -> list[int]:
+    """The ranks this host runs (contract §6.3): every rank of the ip of ``rank_start``, else of the first rank
+    table ip that belongs to this machine."""
     if rank_start is not None:
-        if not 0 <= rank_start < len(ranks):
-            raise RuntimeError(f"Parameter 'rank_start' should be in range [0,{len(ranks) - 1}]")
+        if rank_start >= len(ranks):
+            raise RuntimeError(f"Parameter 'rank_start' cannot equal or larger than rank size {len(ranks)}.")
         ip = ranks[rank_start][0]
-        chosen = [r for r, (rip, _) in enumerate(ranks) if rip == ip and r >= rank_start]
+        if not _is_local_ip(ip):  # its Agents' collectives listen on that address (`agent.bind_collectives`)
+            raise RuntimeError(netif.not_local_message(ip, f"The rank table host of rank {rank_start}"))
     else:
         ip = next((rip for rip, _ in ranks if _is_local_ip(rip)), "")
         if not ip:
-            raise RuntimeError("None of the rank table's server ips belongs to this machine; pass rank_start")
-        chosen = [r for r, (rip, _) in enumerate(ranks) if rip == ip]
-    return chosen[:count] if count else chosen
+            raise RuntimeError(f"Get local machine ip failed, rank table ips: {sorted({rip for rip, _ in ranks})}, "
+                               f"this machine's addresses: {', '.join(netif.local_addresses())}")
+    return [r for r, (rip, _) in enumerate(ranks) if rip == ip]
 
 
 def _is_local_ip(ip: str) -> bool:
+    """Whether ``ip`` (an IPv4 or IPv6 address, or a host name) can be bound here: one of this machine's addresses
+    (or a wildcard)."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((ip, 0))
+        family, kind, _, _, sockaddr = socket.getaddrinfo(ip, 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as s:
+            s.bind(sockaddr)
         return True
-    except OSError:
+    except (OSError, IndexError):
         return False
 
 
@@ -68,10 +73,20 @@ class _AgentProc:
     restarts: int = 0
 
 
+@dataclass
+class _Process:
+    """A started Agent interpreter, a standby until it is given a payload (`procs.spawn`)."""
+
+    child: procs.Child
+    status_r: int  # our end of its status pipe ("R" ready / "F" failed, EOF when it exits)
+    status_fd: int  # the child's end: the same number in the child (pass_fds keeps numbers)
+
+
 class AgentSupervisor:
     def __init__(self, link: WorkerLink, ranks: list[int], model_files: list[list[str]], config: dict[str, Any],
-                 max_restarts: int, config_timeout_s: float) -> None:
+                 max_restarts: int, config_timeout_s: float, decryption: crypto.ModelKey | None = None) -> None:
         self.link = link
+        self.decryption = decryption
         self.address = link.address
         self.config = config
         self.max_restarts = max_restarts
@@ -79,22 +94,50 @@ class AgentSupervisor:
         self.stopping = threading.Event()
         self.agents: dict[int, _AgentProc] = {}
         self._plan = list(zip(ranks, model_files))
+        settings = Settings.from_env()
         # torch threads per Agent: SERVABLE_AGENT_THREADS, else this host's cores shared among its Agents
-        self.threads = Settings.from_env().agent_thread_count(len(ranks))
+        self.threads = settings.agent_thread_count(len(ranks))
+        self.use_standby = settings.agent_standby
+        self.standby: dict[int, _Process] = {}  # rank -> its pre-started replacement (see Settings.agent_standby)
+        self._standby_lock = threading.Lock()
 
-    def _spawn(self, rank: int, files: list[str], restarts: int = 0) -> _AgentProc:
+    def _start_process(self, rank: int, standby: bool) -> _Process:
         status_r, status_w = os.pipe()
         device_id = int(self.config["ranks"][rank][1])
-        payload = {"rank": rank, "device_id": device_id, "model_files": files, "config": self.config,
-                   "distributed_address": self.address, "status_fd": status_w, "threads": self.threads}
-        name = f"{self.config['servable']}_worker_agent_rank{rank}_device{device_id}"
+        name = f"{self.config['servable']}_worker_agent_rank{rank}_device{device_id}" + ("_standby" if standby else "")
         try:
-            child = procs.spawn("servable_framework.agent", payload, name, extra_fds=[status_w])
+            child = procs.spawn("servable_framework.agent", None, name, extra_fds=[status_w],
+                                env={WARM_SHARD_ENV: str(self.config["shard"])} if standby else None)
         finally:
             os.close(status_w)  # only the child holds the write end: EOF on status_r means it exited
-        agent = _AgentProc(rank, files, child, status_r, restarts)
+        return _Process(child, status_r, status_w)
+
+    def _spawn(self, rank: int, files: list[str], restarts: int = 0) -> _AgentProc:
+        """Start rank ``rank``'s Agent: its standby when one is alive (torch already imported: it joins in a
+        fraction of a second), else a fresh interpreter; then start the next standby for that rank."""
+        proc = self.standby.pop(rank, None)
+        if proc is not None and not proc.child.alive():
+            os.close(proc.status_r)
+            proc = None
+        if proc is None:
+            proc = self._start_process(rank, standby=False)
+        payload = {"rank": rank, "device_id": int(self.config["ranks"][rank][1]), "model_files": files,
+                   "config": self.config, "distributed_address": self.address, "status_fd": proc.status_fd,
+                   "threads": self.threads,
+                   "keys_dir": str(self.link.keys.directory) if self.link.keys is not None else None}
+        if self.decryption is not None:  # the Agent takes it out at once (`crypto.process_key`); never logged
+            payload[crypto.PAYLOAD_FIELD] = self.decryption.to_payload()
+        proc.child.give_payload(payload)
+        agent = _AgentProc(rank, files, proc.child, proc.status_r, restarts)
         self.agents[rank] = agent
         return agent
+
+    def _refill_standby(self) -> None:
+        """One standby per local rank (started after the Agents are up, so they do not compete at start)."""
+        with self._standby_lock:  # never one more after stop_all took them
+            for rank, _ in self._plan:
+                if self.use_standby and not self.stopping.is_set() and rank not in self.standby:
+                    self.standby[rank] = self._start_process(rank, standby=True)
 
     def start(self) -> None:
         """Spawn every local Agent and wait until all are ready; on any failure stop all and raise."""
@@ -122,6 +165,7 @@ class AgentSupervisor:
         threading.Thread(target=self._supervise, name="agent-supervisor", daemon=False).start()
 
     def _supervise(self) -> None:
+        self._refill_standby()
         while not self.stopping.is_set():
             fds = {a.status_r: a for a in self.agents.values()}
             if not fds:
@@ -161,7 +205,8 @@ class AgentSupervisor:
                 self.stop_all()
                 self.link.notify(Kind.FAILED, f"rank {agent.rank} exceeded {self.max_restarts} restarts")
                 return
-            delay = min(0.5 * 2 ** (restarts - 1), 5.0)
+            # the first restart at once (a one-off crash); a rank that keeps dying backs off
+            delay = 0.0 if restarts == 1 else min(0.5 * 2 ** (restarts - 2), 5.0)
             log.warning("rank %d died (code %d); restarting it in %.1f s (%d/%d)", agent.rank, code, delay, restarts,
                         self.max_restarts)
             if self.stopping.wait(delay):
@@ -180,15 +225,18 @@ class AgentSupervisor:
             self.stop_all()
             return
         self._spawn(agent.rank, agent.model_files, restarts)
+        self._refill_standby()
 
     def stop_all(self) -> None:
         """Stop every local Agent (SIGTERM, then SIGKILL). Idempotent; callable from any thread."""
         self.stopping.set()
+        with self._standby_lock:
+            standby, self.standby = list(self.standby.values()), {}
         agents = list(self.agents.values())
-        procs.terminate([a.child for a in agents], grace_s=10.0)
-        for a in agents:
+        procs.terminate([a.child for a in agents] + [p.child for p in standby], grace_s=10.0)
+        for fd in [a.status_r for a in agents] + [p.status_r for p in standby]:
             try:
-                os.close(a.status_r)
+                os.close(fd)
             except OSError:
                 pass
         self.agents.clear()
@@ -197,40 +245,66 @@ class AgentSupervisor:
 def startup_agents(distributed_address: str, model_files: Any, group_config_files: Any = None,
                    agent_start_port: int = 7000, agent_ip: str | None = None, rank_start: int | None = None,
                    dec_key: bytes | None = None, dec_mode: str = "AES-GCM", *, max_restarts: int = 3,
-                   config_timeout_s: float = 60.0) -> None:
-    """Implementation of `servable_framework.server.distributed.startup_agents` (documented there)."""
+                   config_timeout_s: float = 60.0, keys_dir: str | None = None) -> None:
+    """Start this host's Agents of the servable the Distributed Worker at ``distributed_address`` serves, and return
+    once all are ready (`servable_framework.server.distributed.startup_agents`, contract §6.3).
+
+    Args:
+        distributed_address: the Distributed Worker's ``"ip:port"``.
+        model_files: one file (or one list of sub-graph files) per local rank, in rank order; relative paths are
+            relative to the launching script.
+        group_config_files: None, or one file per local rank (checked for access; torch.distributed needs none).
+        agent_start_port: in [1, 65528].
+        agent_ip, rank_start: both None (this host = the first rank table ip of this machine) or both given (this
+            host = the rank table ip of ``rank_start``; ``agent_ip`` must be an address of this machine).
+        dec_key, dec_mode: key (16/24/32 bytes) and mode ("AES-GCM"/"AES-CBC") of encrypted model files
+            (`servable_framework.crypto`); each Agent decrypts its files in memory. Never logged.
+
+    Every argument rule of contract §6.3 is checked before an Agent is spawned; those that need no rank table
+    (types, ``agent_start_port``, ``agent_ip``/``rank_start`` pairing, file list shapes, ``dec_key``/``dec_mode``)
+    even before the Worker is asked for its config.
+
+    ``keys_dir`` (default ``$SERVABLE_KEYS_DIR``): CurveZMQ keys (`servable_framework.curve`) this host's Agents
+    and this process present to the Distributed Worker; required when ``distributed_address`` is not loopback.
+    """
     from servable_framework.servable import checks
-    from servable_framework.server.start_config import resolve_path
 
     setup_logging("agent-startup")
     checks.check_str("distributed_address", distributed_address)
     checks.check_int("agent_start_port", agent_start_port, 1, 65535 - 7)
-    if rank_start is not None:
-        checks.check_int("rank_start", rank_start, 0)
+    files = _file_lists("model_files", model_files)
+    groups = None if group_config_files is None else _file_lists("group_config_files", group_config_files)
+    _check_file_counts(files, groups, model_files, group_config_files)
+    decryption = crypto.check_key(dec_key, dec_mode)
+    if (agent_ip is None) != (rank_start is None):
+        raise RuntimeError("Parameter 'agent_ip' and parameter 'rank_start' must have values at the same time, "
+                           "or both None at the same time.")
     if agent_ip is not None:
         checks.check_str("agent_ip", agent_ip)
-    if dec_key is not None:
-        raise RuntimeError("Parameter 'dec_key': model decryption is not supported by servable_framework")
-    if not isinstance(model_files, (list, tuple)) or not model_files:
-        raise RuntimeError("Parameter 'model_files' should be a non-empty list/tuple of str or of lists of str")
-    files = [[f] if isinstance(f, str) else list(f) for f in model_files]
-    for group in files:
-        if not group or not all(isinstance(f, str) and f for f in group):
-            raise RuntimeError("The item of parameter 'model_files' should be str or a list of str")
-    files = [[resolve_path(f) for f in group] for group in files]
-    link = WorkerLink(distributed_address)
-    config = link.fetch_config(config_timeout_s)
-    ranks = local_ranks([(ip, int(d)) for ip, d in config["ranks"]], rank_start,
-                        len(files) if rank_start is not None else None)
-    if len(files) != len(ranks):
-        raise RuntimeError(f"Card count {ranks} described rank table does not equal to model files size {len(files)}")
-    for group in files:
-        for f in group:
-            if not os.access(f, os.R_OK):
-                raise RuntimeError(f"Cannot access model file '{f}'")
-    log.info("starting agents for ranks %s of servable '%s' (%d ranks, %d stages)", ranks, config["servable"],
-             config["rank_size"], config["stage_size"])
-    sup = AgentSupervisor(link, ranks, files, config, max_restarts, config_timeout_s)
+        checks.check_int("rank_start", rank_start, 0)
+        if not _is_local_ip(agent_ip):
+            raise RuntimeError(f"Check ip 'agent_ip' valid failed, agent_ip: {agent_ip}")
+    # CurveZMQ keys (default $SERVABLE_KEYS_DIR): a Distributed Worker off loopback accepts authorized keys only
+    keys = curve.resolve(keys_dir)
+    curve.require_client_keys(distributed_address, keys, "An Agent")
+    link = WorkerLink(distributed_address, keys)
+    try:
+        config = link.fetch_config(config_timeout_s)
+        ranks = local_ranks([(ip, int(d)) for ip, d in config["ranks"]], rank_start)
+        if len(files) != len(ranks):
+            raise RuntimeError(f"Card count {[int(config['ranks'][r][1]) for r in ranks]} described rank table does "
+                               f"not equal to model files size {len(files)}, model files: {model_files}")
+        files = [[_readable(f, "model file") for f in group] for group in files]
+        for group in groups or []:
+            for f in group:
+                _readable(f, "group config file")
+    except BaseException:
+        link.close()
+        raise
+    log.info("starting agents for ranks %s of servable '%s' (%d ranks, %d stages)%s", ranks, config["servable"],
+             config["rank_size"], config["stage_size"],
+             f", model files encrypted ({decryption.mode})" if decryption else "")
+    sup = AgentSupervisor(link, ranks, files, config, max_restarts, config_timeout_s, decryption)
     if threading.current_thread() is threading.main_thread():
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("received %s, stopping agents", signal.Signals(signum).name)
@@ -240,6 +314,55 @@ def startup_agents(distributed_address: str, model_files: Any, group_config_file
         signal.signal(signal.SIGINT, on_signal)
     sup.start()
     log.info("all %d local agents are ready", len(ranks))
+
+
+def _file_lists(name: str, value: Any) -> list[list[str]]:
+    """``model_files`` / ``group_config_files``: str, or a list/tuple of str or of lists of str (one list per
+    rank: several sub-graphs). Relative paths are resolved later (`_readable`)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise RuntimeError(f"Parameter '{name}' should be str or tuple/list of str, but actually {type(value)}")
+    if not value:
+        raise RuntimeError(f"Parameter '{name}' should not be empty")
+    out = []
+    for item in value:
+        group = item if isinstance(item, (list, tuple)) else [item]
+        for f in group:
+            if not isinstance(f, str):
+                raise RuntimeError(f"The item of parameter '{name}' should be str, but actually {type(f)}")
+            if not f:
+                raise RuntimeError(f"The item of parameter '{name}' should not be empty str")
+        if not group:
+            raise RuntimeError(f"The item of parameter '{name}' should not be an empty list")
+        out.append(list(group))
+    return out
+
+
+def _check_file_counts(files: list[list[str]], groups: list[list[str]] | None, model_files: Any,
+                       group_config_files: Any) -> None:
+    """MindSpore's rules: every rank has as many model files (sub-graphs); at most one group file per rank, one
+    list per rank like the model files."""
+    if len({len(g) for g in files}) > 1:
+        raise RuntimeError(f"please check the number of  model files and group config files, model files: "
+                           f"{model_files}, group config files: {group_config_files}")
+    if groups is None:
+        return
+    if len(files) != len(groups):
+        raise RuntimeError(f"Model files count {len(files)} does not equal to group config files count "
+                           f"{len(groups)} when group_config_files is not None, model files: {model_files}, "
+                           f"group config files: {group_config_files}")
+    if any(len(g) != 1 for g in groups):
+        raise RuntimeError("please check the number of  group config files, currently only support one at most")
+
+
+def _readable(path: str, what: str) -> str:
+    from servable_framework.server.start_config import resolve_path
+
+    full = os.path.realpath(resolve_path(path))
+    if not os.access(full, os.R_OK):
+        raise RuntimeError(f"Cannot access {what} '{full}'")
+    return full
 
 
 def _stop_and_notify(sup: AgentSupervisor) -> None:

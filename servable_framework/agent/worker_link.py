@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from servable_framework import transport
+from servable_framework import curve, transport
 from servable_framework.errors import ServingError
 from servable_framework.wire import Kind, pack, unpack
 
@@ -36,13 +36,17 @@ class ServableStopped(RuntimeError):
 
 
 class WorkerLink:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, keys: curve.CurveKeys | None = None) -> None:
+        """Connect to the Distributed Worker at ``address``, with CurveZMQ when ``keys`` are given."""
         self.address = address
+        self.keys = keys
         self.stopped = threading.Event()  # set once the Worker announced the servable's end
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 500)  # a last notice still leaves when the process ends right after
+        if keys is not None:
+            curve.secure_client(self._sock, keys)
         self._sock.connect(transport.zmq_endpoint(address, "distributed"))
 
     def close(self) -> None:

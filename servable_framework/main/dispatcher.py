@@ -4,12 +4,27 @@ Both front ends (REST and ZMQ) call `Dispatcher.predict` (or `Dispatcher.predict
 (queue limit, instance limit), version selection, timeouts and the "not available" errors of contract §8.6
 live here only. So do the per-request metrics (`servable_framework.main.metrics`): each caller passes its
 ``protocol`` label (``"rest"``, ``"zmq"``, ``"openai"``, ``"kserve"``).
+
+Spreading (`Dispatcher._plan`): a request of several instances is cut into contiguous chunks, one per READY
+Worker of its endpoint (device Workers and extra workers alike), in whole model batches (the Workers' batch
+size from their REGISTER); the least-loaded Workers take them, the answers are merged back in instance order.
+A chunk that fails as a whole fails only its own instances (per-instance errors), unless every chunk failed
+(the request fails with the first chunk's error, as it would on one Worker) or the deadline passed (the
+request times out). Streaming requests run on one Worker.
+
+Fail-over (`Dispatcher._run_chunk`): instances in flight on a Worker that dies (`WorkerLost`) are re-run once
+on a sibling READY Worker, as MindSpore re-queues a dead Worker's pending instances (contract §7.2); with no
+sibling, or when the sibling dies too, they fail with the error naming the dead Worker. Inference is taken to
+be free of side effects; the single retry bounds what a request that itself kills Workers can do (two Workers).
+Streaming requests are not re-run (pieces may have reached the client).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,12 +40,15 @@ from servable_framework.errors import (
     Unavailable,
 )
 from servable_framework.main.metrics import DispatcherCollector, Metrics, Outcome, outcome_of
-from servable_framework.main.workers import StreamItem, WorkerHandle, WorkerSet, WorkerState
+from servable_framework.main.workers import StreamItem, WorkerHandle, WorkerLost, WorkerSet, WorkerState
 from servable_framework.settings import Settings
 from servable_framework.wire import Instance, Kind, decode_value, encode_instances
 from servable_framework.worker.streaming import not_streaming
 
 Result = Instance | ServingError
+Chunk = tuple[WorkerHandle, int, int]  # a Worker and the instance range [start, stop) it runs
+
+log = logging.getLogger("servable_framework.main")
 
 
 @dataclass
@@ -51,6 +69,7 @@ class Dispatcher:
         self.workers = workers
         self.settings = settings
         self._ids = itertools.count(1)
+        self._turn = 0
         self.inflight = 0
         self.idle = asyncio.Event()  # set whenever no request is in flight (what a drain waits for)
         self.idle.set()
@@ -65,7 +84,7 @@ class Dispatcher:
         return f"Request servable({servable}) method({method}){v}"
 
     def pick(self, servable: str, method: str, version: int) -> WorkerHandle:
-        """The least-loaded READY Worker, or the contract's error for why there is none."""
+        """The least-loaded READY Worker (idle ones in turn), or the contract's error for why there is none."""
         handles = [h for h in self.workers.workers.values() if h.servable == servable]
         if version:
             handles = [h for h in handles if h.version == version]
@@ -80,7 +99,42 @@ class Dispatcher:
             raise Unavailable(f"{self._spec(servable, method, version)} , servable is not available: {reasons}")
         if method not in ready[0].methods:
             raise NotFound(f"{self._spec(servable, method, version)} , method is not available")
-        return min(ready, key=lambda h: len(h.inflight) + len(h.streams))
+        least = min(_load(h) for h in ready)
+        tied = [h for h in ready if _load(h) == least]
+        self._turn += 1  # ties (idle Workers) take turns: sequential requests use every Worker too
+        return tied[self._turn % len(tied)]
+
+    def _siblings(self, handle: WorkerHandle, method: str) -> list[WorkerHandle]:
+        """READY Workers of ``handle``'s endpoint (same servable and version) that serve ``method``, least
+        loaded first (``handle`` itself included when READY)."""
+        out = [h for h in self.workers.workers.values()
+               if h.servable == handle.servable and h.version == handle.version and h.state is WorkerState.READY
+               and method in h.methods]
+        return sorted(out, key=_load)
+
+    def _plan(self, first: WorkerHandle, method: str, count: int) -> list[Chunk]:
+        """Cut ``count`` instances into contiguous chunks over the least-loaded READY Workers of ``first``'s
+        endpoint: whole batches of the Workers' batch size (the last chunk may end with a partial one), spread
+        as evenly as batches allow, never more chunks than batches. One chunk on ``first`` when there is
+        nothing to spread."""
+        peers = self._siblings(first, method)
+        if count < 2 or len(peers) < 2:
+            return [(first, 0, count)]
+        peers.remove(first)
+        peers.insert(0, first)  # the picked Worker takes the first chunk: the order is the load order anyway
+        unit = max(1, first.batch_size)
+        batches = math.ceil(count / unit)
+        k = min(len(peers), batches)
+        if k < 2:
+            return [(first, 0, count)]
+        base, extra = divmod(batches, k)
+        chunks: list[Chunk] = []
+        start = 0
+        for i, handle in enumerate(peers[:k]):
+            stop = min(count, start + (base + (1 if i < extra else 0)) * unit)
+            chunks.append((handle, start, stop))
+            start = stop
+        return chunks
 
     def _admit(self, servable: str, method: str, version: int, instances: list[Instance]) -> WorkerHandle:
         """Count the request and pick its Worker, or raise the error that refuses it."""
@@ -124,7 +178,7 @@ class Dispatcher:
         outcome: Outcome = "error"
         try:
             timeout = timeout_s or handle.request_timeout_s or self.settings.request_timeout_s
-            results = await self._call(handle, method, instances, timeout)
+            results = await self._spread(handle, method, instances, timeout)
             record.results(results)
             outcome = "ok"
             return results
@@ -164,7 +218,11 @@ class Dispatcher:
             buffers: list[Any] = []
             header = {"id": request_id, "method": method, "instances": encode_instances(instances, buffers),
                       "stream": True}
-            await self.workers.send(handle, Kind.PREDICT, header, buffers)
+            try:
+                await self.workers.send(handle, Kind.PREDICT, header, buffers)
+            except WorkerLost as exc:  # streams are not re-run elsewhere; the front ends know Unavailable only
+                finished = True
+                raise Unavailable(exc.message) from None
             while True:
                 try:
                     item = queue.get_nowait() if not queue.empty() else \
@@ -206,8 +264,60 @@ class Dispatcher:
         except Exception:
             pass
 
-    async def _call(self, handle: WorkerHandle, method: str, instances: list[Instance],
+    async def _spread(self, first: WorkerHandle, method: str, instances: list[Instance],
+                      timeout_s: float) -> list[Result]:
+        """Run ``instances`` over the endpoint's Workers (`_plan`) within one deadline; results in order."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        plan = self._plan(first, method, len(instances))
+        if len(plan) == 1:
+            return await self._run_chunk(first, method, instances, deadline, timeout_s)
+        outcomes = await asyncio.gather(
+            *(self._run_chunk(h, method, instances[a:b], deadline, timeout_s) for h, a, b in plan),
+            return_exceptions=True)
+        for outcome in outcomes:  # a bug or a cancelled chunk propagates; so does the request's deadline
+            if isinstance(outcome, BaseException) and not isinstance(outcome, ServingError):
+                raise outcome
+            if isinstance(outcome, RequestTimeout):
+                raise outcome
+        errors = [o for o in outcomes if isinstance(o, ServingError)]
+        if len(errors) == len(outcomes):
+            raise errors[0]  # the whole request failed, as it would have on one Worker
+        results: list[Result] = []
+        for (_h, a, b), outcome in zip(plan, outcomes):
+            if isinstance(outcome, ServingError):
+                results.extend([outcome] * (b - a))
+            else:
+                assert isinstance(outcome, list)
+                results.extend(outcome)
+        return results
+
+    async def _run_chunk(self, handle: WorkerHandle, method: str, instances: list[Instance], deadline: float,
+                         timeout_s: float) -> list[Result]:
+        """Run ``instances`` on ``handle``; when that Worker is lost with them in flight, once more on the
+        least-loaded sibling READY Worker. Raises `Unavailable` (never `WorkerLost`) naming the lost Worker when
+        no sibling can take them."""
+        loop = asyncio.get_running_loop()
+        retried = False
+        while True:
+            try:
+                results = await self._call(handle, method, instances, deadline - loop.time(), timeout_s)
+            except WorkerLost as exc:
+                siblings = [h for h in self._siblings(handle, method) if h is not handle]
+                if retried or not siblings or loop.time() >= deadline:
+                    raise Unavailable(exc.message) from None
+                log.warning("re-running %d instance(s) of a request on worker %s: %s", len(instances),
+                            siblings[0].worker_id, exc.message)
+                handle, retried = siblings[0], True
+                continue
+            handle.instances_answered += len(instances)
+            return results
+
+    async def _call(self, handle: WorkerHandle, method: str, instances: list[Instance], wait_s: float,
                     timeout_s: float) -> list[Result]:
+        """One PREDICT to ``handle``, answered within ``wait_s`` (what is left of the request's ``timeout_s``,
+        which the timeout error names)."""
+        if wait_s <= 0:  # a re-run found the deadline spent
+            raise RequestTimeout(f"Request timed out after {timeout_s:g} s")
         request_id = next(self._ids)
         buffers: list[Any] = []
         header = {"id": request_id, "method": method, "instances": encode_instances(instances, buffers)}
@@ -215,7 +325,7 @@ class Dispatcher:
         handle.inflight[request_id] = fut
         try:
             await self.workers.send(handle, Kind.PREDICT, header, buffers)
-            reply, out_buffers, _frames = await asyncio.wait_for(fut, timeout_s)
+            reply, out_buffers, _frames = await asyncio.wait_for(fut, wait_s)
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
             # timed out, or the caller went away (a REST client hung up): the Worker stops what it can of the
             # abandoned request: queued instances never run, generating rows stop at the next step (best
@@ -249,6 +359,11 @@ class Dispatcher:
                                      "reason": h.reason})
             entry["ready"] = entry["ready"] or h.state is WorkerState.READY
         return out
+
+
+def _load(handle: WorkerHandle) -> int:
+    """Requests in flight on a Worker (what picking the least loaded compares)."""
+    return len(handle.inflight) + len(handle.streams)
 
 
 def _decode_piece(raw: Any, buffers: Any) -> StreamPiece:

@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ import zmq
 import zmq.asyncio
 
 from servable_framework import procs, transport
+from servable_framework.curve import CurveKeys
 from servable_framework.logs import setup_logging
 from servable_framework.main import auth
 from servable_framework.main.dispatcher import Dispatcher
@@ -119,7 +121,7 @@ class Master:
         log.info("Serving RESTful server start success, listening on %s%s%s", address, " (HTTPS)" if tls else "",
                  f", {len(api_keys)} API key(s) required" if api_keys else "")
 
-    def start_zmq(self, address: str, max_msg_bytes: int) -> None:
+    def start_zmq(self, address: str, max_msg_bytes: int, keys: CurveKeys | None = None) -> None:
         if self.zmq is not None:
             raise RuntimeError("Serving Error: Serving gRPC server is already running")
         host, port = transport.parse_address(address, "Serving gRPC")
@@ -127,7 +129,7 @@ class Master:
             raise RuntimeError(f"Serving gRPC server start failed, create server failed, address {address}")
 
         async def make() -> ZmqFrontend:
-            front = ZmqFrontend(self.ctx, address, self.dispatcher, max_msg_bytes)
+            front = ZmqFrontend(self.ctx, address, self.dispatcher, max_msg_bytes, keys)
             front.run()
             return front
 
@@ -135,7 +137,8 @@ class Master:
             self.zmq = self.call(make())
         except zmq.ZMQError:
             raise RuntimeError(f"Serving gRPC server start failed, create server failed, address {address}") from None
-        log.info("Serving gRPC server start success, listening on %s", address)
+        log.info("Serving gRPC server start success, listening on %s%s", address,
+                 " (CurveZMQ: authorized keys only)" if keys is not None else "")
 
     # -- stop -----------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -196,7 +199,19 @@ def get_master() -> Master:
             if threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     signal.signal(sig, _on_signal)
+            if sys.excepthook is not _stop_on_uncaught:
+                _stop_on_uncaught.previous = sys.excepthook  # type: ignore[attr-defined]
+                sys.excepthook = _stop_on_uncaught
         return _master
+
+
+def _stop_on_uncaught(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """A start script that dies of an exception (a port in use, a refused start_* call after others succeeded)
+    stops what it started, instead of living on in Main's non-daemon thread with half a deployment."""
+    _stop_on_uncaught.previous(kind, exc, tb)  # type: ignore[attr-defined]
+    if _master is not None and not _master.stopped:
+        log.error("the start script failed (%s); stopping Main and its Workers", kind.__name__)
+        stop()
 
 
 def stop() -> None:

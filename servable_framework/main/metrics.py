@@ -29,7 +29,7 @@ labelled by servable (a client could make up any name); they count in the unlabe
 
 The metrics from before (``servable_requests_*``, ``servable_model_*``, ``servable_ready``) are read from the
 Dispatcher and the Worker handles when scraped (`DispatcherCollector`); their names, types and labels are
-unchanged.
+unchanged. So is ``servable_worker_instances_total{servable, worker}``: the instances each Worker answered.
 
 For protocol modules (OpenAI, KServe): call ``dispatcher.predict(..., protocol="openai")`` /
 ``dispatcher.predict_stream(..., protocol="openai")``; everything above is then recorded, nothing else to do.
@@ -234,6 +234,10 @@ class DispatcherCollector(Collector):
                 joined.append((values, rest[0] if rest else 0))
                 cancelled.append(((*values, "queued"), rest[2] if len(rest) > 2 else 0))
                 cancelled.append(((*values, "running"), rest[1] if len(rest) > 1 else 0))
+        answered = [((h.servable, str(h.worker_id)), h.instances_answered) for h in d.workers.workers.values()]
+        yield _counter("servable_worker_instances_total",
+                       "Instances of requests each Worker answered (Main spreads a request's instances over the "
+                       "Workers of its servable).", ("servable", "worker"), answered)
         yield _counter("servable_model_batches_total", "Model calls (batches) run by Workers.", labels, batches)
         yield _counter("servable_model_instances_total", "Instances run in those model calls.", labels, instances)
         yield _counter("servable_model_batches_joined_total",

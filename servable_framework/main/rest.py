@@ -1,9 +1,10 @@
 """The REST front end: a Starlette app over the `Dispatcher`.
 
 Routes: ``POST /model/{servable}[/version/{n}]:{method}`` (MindSpore's URL and JSON body), ``GET /health``
-(process alive), ``GET /ready`` (every servable has a READY Worker; 503 otherwise), ``GET /metrics``
-(Prometheus text, `servable_framework.main.metrics`), the OpenAI and KServe v2 routes. With API keys configured,
-every route but ``/health`` and ``/ready`` needs ``Authorization: Bearer <key>`` (`servable_framework.main.auth`).
+(alive; 503 naming the servable once one has no Worker left and its restart budget is spent), ``GET /ready``
+(every servable has a READY Worker; 503 otherwise), ``GET /metrics`` (Prometheus text,
+`servable_framework.main.metrics`), the OpenAI and KServe v2 routes. With API keys configured, every route
+but ``/health`` and ``/ready`` needs ``Authorization: Bearer <key>`` (`servable_framework.main.auth`).
 Errors become ``{"error_msg": ...}`` with a meaningful HTTP status in exactly one place, `_error_response`;
 per-instance errors keep HTTP 200, as the other instances succeeded.
 
@@ -95,6 +96,11 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int, api_keys: auth.ApiKeys
         return _results_response(results)
 
     async def health(_: Request) -> Response:
+        # unhealthy once an endpoint has no Worker left and no restart to come: an orchestrator's liveness
+        # probe then replaces this Main (which itself keeps running, so /ready, /metrics and logs stay readable)
+        lost = dispatcher.workers.lost()
+        if lost:
+            return JSONResponse({"status": "unhealthy", "error_msg": "; ".join(lost)}, status_code=503)
         return JSONResponse({"status": "alive"})
 
     async def ready(_: Request) -> Response:

@@ -2,8 +2,12 @@
 
 Guarantees: a Worker is routable only while READY; when it dies, goes silent past the heartbeat timeout,
 or reports that its Agents failed, every request in flight on it fails at once with an error naming the
-cause, and it is restarted (bounded, with back-off) unless Main is stopping. All methods run on Main's
-event loop thread.
+cause (`WorkerLost` when the Worker itself is gone, so that the Dispatcher can re-run the request on a sibling
+Worker), and it is restarted (bounded, with back-off) unless Main is stopping. The back-off is a due time
+that the monitor loop checks on its ticks, never a sleep inside it: heartbeats to the other Workers go on
+while one Worker waits for its restart. A Worker whose restart budget is spent stays DEAD (``given_up``); an
+endpoint (servable, version) with every Worker given up is reported by `WorkerSet.lost` (``/health`` answers
+503 with it). All methods run on Main's event loop thread.
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ from servable_framework.wire import Kind, unpack
 log = logging.getLogger("servable_framework.main")
 
 StreamItem = tuple[Kind, dict[str, Any], Any, Any] | ServingError
+
+
+class WorkerLost(Unavailable):
+    """The Worker a request was sent to died, went silent, or could not be reached: nothing of the request
+    will come back from it. Main-internal: the Dispatcher re-runs the request on a sibling Worker or turns
+    this into a plain `Unavailable` (same text) before any front end sees it."""
 
 
 class WorkerState(str, enum.Enum):
@@ -56,6 +66,10 @@ class WorkerHandle:
     streams: dict[int, asyncio.Queue[StreamItem]] = field(default_factory=dict)
     started: asyncio.Future[None] | None = None
     restarts: int = 0
+    restart_due: float | None = None  # monotonic time of the scheduled restart (DEAD, budget left)
+    given_up: bool = False  # DEAD for good: its restart budget is spent
+    batch_size: int = 0  # the smallest model batch size of its servable, from its REGISTER (0: no model)
+    instances_answered: int = 0  # instances of requests this Worker answered (results or per-instance errors)
     request_timeout_s: float | None = None  # the servable's own default, from its REGISTER
     batch_stats: dict[str, list[int]] = field(default_factory=dict)  # model -> [batches, instances, joined, ...]
 
@@ -106,7 +120,10 @@ class WorkerSet:
 
     def _launch(self, handle: WorkerHandle) -> None:
         handle.state = WorkerState.STARTING
-        handle.started = asyncio.get_running_loop().create_future()
+        handle.restart_due = None
+        handle.reason = ""  # a start error (FAILED) of this launch may fill it
+        if handle.started is None:  # only the first start is awaited (start_servables); restarts are not
+            handle.started = asyncio.get_running_loop().create_future()
         handle.last_pong = time.monotonic()
         handle.child = procs.spawn("servable_framework.worker", handle.payload, f"worker {handle.worker_id}",
                                    handle.log_path)
@@ -125,8 +142,8 @@ class WorkerSet:
         try:
             await transport.send(self.sock, kind, header, buffers, to=handle.worker_id.encode())
         except zmq.ZMQError as exc:
-            raise Unavailable(f"Request servable({handle.servable}) version({handle.version}) , servable is not "
-                              f"available: {handle.label} is unreachable ({exc})") from None
+            raise WorkerLost(f"Request servable({handle.servable}) version({handle.version}) , servable is not "
+                             f"available: {handle.label} is unreachable ({exc})") from None
 
     async def _recv_loop(self) -> None:
         while True:
@@ -165,6 +182,7 @@ class WorkerSet:
             handle.streaming = set(header.get("streaming", []))
             handle.signatures = header.get("signatures", {})
             handle.request_timeout_s = header.get("request_timeout_s")
+            handle.batch_size = int(header.get("batch_size", 0) or 0)
             handle.payload["version"] = int(header.get("version", handle.version))  # 0 resolved to a real one
             handle.state = WorkerState.READY
             handle.reason = ""
@@ -177,6 +195,8 @@ class WorkerSet:
                 handle.reason = error
                 if handle.started is not None and not handle.started.done():
                     handle.started.set_exception(StartupError(f"Fail to start workers: {error}"))
+                else:  # a restart failed to start: nobody awaits it, say it here
+                    log.error("%s failed to start: %s", handle.label, error)
             else:
                 log.error("%s is unavailable: %s", handle.label, error)
                 self._make_unavailable(handle, WorkerState.UNAVAILABLE, error)
@@ -185,22 +205,43 @@ class WorkerSet:
         elif kind is Kind.EXIT:
             log.info("%s is exiting", handle.label)
 
-    def _make_unavailable(self, handle: WorkerHandle, state: WorkerState, reason: str) -> None:
+    def _make_unavailable(self, handle: WorkerHandle, state: WorkerState, reason: str, lost: bool = False) -> None:
+        """Mark ``handle`` and fail what is in flight on it. ``lost``: the Worker process is gone (died, went
+        silent): its requests fail with `WorkerLost`, which the Dispatcher may re-run elsewhere; streams
+        always fail (pieces may have reached the client already)."""
         handle.state = state
         handle.reason = reason
-        error = Unavailable(f"Request servable({handle.servable}) version({handle.version}) , servable is not "
-                            f"available: {reason}")
+        text = f"Request servable({handle.servable}) version({handle.version}) , servable is not available: {reason}"
+        error = WorkerLost(text) if lost else Unavailable(text)
         for fut in handle.inflight.values():
             if not fut.done():
                 fut.set_exception(error)
         handle.inflight.clear()
         for stream in handle.streams.values():
-            stream.put_nowait(error)
+            stream.put_nowait(Unavailable(text))
         handle.streams.clear()
+
+    def lost(self) -> list[str]:
+        """One line per endpoint (servable, version) whose every Worker is DEAD for good (restart budget spent):
+        what ``/health`` reports. Empty while Main is stopping."""
+        if self.stopping:
+            return []
+        endpoints: dict[tuple[str, int], list[WorkerHandle]] = {}
+        for h in self.workers.values():
+            endpoints.setdefault((h.servable, h.version), []).append(h)
+        out = []
+        for (servable, version), handles in sorted(endpoints.items()):
+            if all(h.given_up for h in handles):
+                reasons = "; ".join(sorted({h.reason for h in handles if h.reason}))
+                out.append(f"servable '{servable}' version {version} has no Worker left (restart limit "
+                           f"{self.settings.worker_restart_max} reached): {reasons}")
+        return out
 
     # -- monitor --------------------------------------------------------------------------------------------
     async def _monitor_loop(self) -> None:
-        """Ping every interval; a Worker that exited or stayed silent past the timeout is dead."""
+        """Every tick: ping each Worker whose interval is up, find the dead and the silent, start the restarts
+        that are due. Nothing in here waits for long (a restart's back-off is a due time, `_on_death`), so one
+        Worker's trouble never delays the heartbeats of the others."""
         s = self.settings
         while True:
             await asyncio.sleep(min(0.1, s.heartbeat_interval_s))
@@ -212,18 +253,25 @@ class WorkerSet:
                     log.exception("monitoring %s failed", handle.label)
 
     async def _check(self, handle: WorkerHandle, now: float) -> None:
-        if handle.state is WorkerState.DEAD or handle.child is None:
+        if handle.state is WorkerState.DEAD:
+            if handle.restart_due is not None and now >= handle.restart_due and not self.stopping:
+                log.warning("restarting %s (attempt %d/%d)", handle.label, handle.restarts,
+                            self.settings.worker_restart_max)
+                self._launch(handle)
+            return
+        if handle.child is None:
             return
         if not handle.child.alive():
             code = handle.child.proc.returncode
-            await self._on_death(handle, f"{handle.label} exited with code {code}")
+            why = f": {handle.reason}" if handle.reason else ""  # the start error it reported, if any
+            self._on_death(handle, f"{handle.label} exited with code {code}{why}", now)
             return
         if handle.state is WorkerState.STARTING:
             return  # loading can take long; the start deadline covers it
         if now - handle.last_pong > self.settings.heartbeat_timeout_s:
             await procs.aterminate([handle.child], grace_s=0)
-            await self._on_death(handle, f"{handle.label} missed heartbeats for "
-                                         f"{self.settings.heartbeat_timeout_s:.1f} s")
+            self._on_death(handle, f"{handle.label} missed heartbeats for "
+                                   f"{self.settings.heartbeat_timeout_s:.1f} s", now)
             return
         if now - handle.last_ping >= self.settings.heartbeat_interval_s:
             handle.last_ping = now
@@ -232,25 +280,30 @@ class WorkerSet:
             except Unavailable:
                 pass  # its death or silence is handled above on a later tick
 
-    async def _on_death(self, handle: WorkerHandle, reason: str) -> None:
-        was_starting = handle.state is WorkerState.STARTING
-        self._make_unavailable(handle, WorkerState.DEAD, reason)
+    def _on_death(self, handle: WorkerHandle, reason: str, now: float) -> None:
+        """Fail what was in flight on the dead Worker, then schedule its restart (``restart_due``, checked by
+        `_check`) or give it up. A death during the first start is `start_servables`' business (it fails
+        and removes the Worker); a death while a restart loads counts against the budget like any other."""
+        first_start = handle.state is WorkerState.STARTING and handle.restarts == 0
+        self._make_unavailable(handle, WorkerState.DEAD, reason, lost=True)
         if handle.started is not None and not handle.started.done():
             detail = f": {handle.reason}" if handle.reason else " because of death of one worker"
             handle.started.set_exception(StartupError(f"Fail to start workers{detail}"))
-        if self.stopping or was_starting:
+        if self.stopping or first_start:
             return
         log.error("%s", reason)
         if handle.restarts >= self.settings.worker_restart_max:
+            handle.given_up = True
             log.error("%s: restart limit (%d) reached, giving up", handle.label, self.settings.worker_restart_max)
+            for line in self.lost():
+                if f"'{handle.servable}' version {handle.version} " in line:
+                    log.error("%s", line)
             return
         handle.restarts += 1
         delay = min(2.0 ** (handle.restarts - 1), 10.0)
+        handle.restart_due = now + delay
         log.warning("restarting %s in %.1f s (attempt %d/%d)", handle.label, delay, handle.restarts,
                     self.settings.worker_restart_max)
-        await asyncio.sleep(delay)
-        if not self.stopping:
-            self._launch(handle)
 
     # -- stop -----------------------------------------------------------------------------------------------
     async def stop(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from servable_framework import transport
+from servable_framework import curve, transport
 from servable_framework.errors import InvalidInput, PayloadTooLarge, ServingError
 from servable_framework.main.dispatcher import Dispatcher, Result
 from servable_framework.wire import Instance, Kind, decode_instances, encode_value, unpack
@@ -40,7 +40,12 @@ def error_entry(exc: ServingError) -> dict[str, Any]:
 
 
 class ZmqFrontend:
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, dispatcher: Dispatcher, max_msg_bytes: int) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, dispatcher: Dispatcher, max_msg_bytes: int,
+                 keys: curve.CurveKeys | None = None) -> None:
+        """Bind ``address``; with ``keys`` only Clients holding an authorized key get through (CurveZMQ), and
+        without them only a loopback or ``unix:`` address may be bound (`curve.require_keys`). Runs on Main's
+        event loop."""
+        curve.require_keys(address, keys, "The ZMQ front end", "Serving gRPC")
         self.dispatcher = dispatcher
         self.max_msg_bytes = max_msg_bytes
         # libzmq drops a connection (silently) whose message exceeds MAXMSGSIZE, so it is set to the largest
@@ -48,7 +53,17 @@ class ZmqFrontend:
         # that gets a proper "resource exhausted" reply from the size check in `_handle`.
         self.sock = transport.async_socket(ctx, zmq.ROUTER, max_msg_bytes=HARD_MAX_BYTES)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a client that left just loses its reply
-        self.sock.bind(transport.zmq_endpoint(address, "Serving gRPC"))
+        self.zap: curve.ZapHandler | None = None
+        self._watch: asyncio.Task[None] | None = None
+        if keys is not None:
+            self.zap = curve.ZapHandler(ctx, keys)
+            curve.secure_server(self.sock, keys)
+            self._watch = curve.watch_handshakes(self.sock, "the ZMQ front end")
+        try:
+            self.sock.bind(transport.zmq_endpoint(address, "Serving gRPC"))
+        except zmq.ZMQError:
+            self.close()  # the ZAP handler's endpoint too: a retry in this process must be able to bind it
+            raise
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._streams: dict[tuple[bytes, Any], asyncio.Task[Any]] = {}  # (client, request id) -> its task
@@ -140,6 +155,10 @@ class ZmqFrontend:
             self._task.cancel()
         for task in self._pending:
             task.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.zap is not None:
+            self.zap.close()
         self.sock.close(0)
 
 

@@ -12,6 +12,7 @@ import contextvars
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from servable_framework.servable import checks, legacy
@@ -56,6 +57,14 @@ def current_builder() -> ServableBuilder:
     return builder
 
 
+@dataclass(frozen=True)
+class GraphRunner:
+    """One loaded sub-graph of a model, as the Worker binds it to the `Model` handle for ``Model.call``."""
+
+    inputs_count: int | None  # of the loaded graph; None = not known before running it (a Python module)
+    run: Callable[[list[list[Any]]], list[list[Any]]]  # instances -> one list of outputs per instance
+
+
 class Model:
     """Handle returned by `declare_model` / `distributed.declare_servable`; pass it to `add_stage`.
 
@@ -64,38 +73,61 @@ class Model:
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self._runner: Callable[[list[list[Any]]], list[Any]] | None = None  # set by the Worker at load
+        self._graphs: list[GraphRunner] = []  # one per sub-graph, bound by the Worker once the model is loaded
 
     @property
     def model_key(self) -> str:
         return self.spec.key
 
+    def bind(self, graphs: list[GraphRunner]) -> None:
+        """Called by the Worker: ``graphs[i]`` runs sub-graph i (``spec.files[i]``)."""
+        if len(graphs) != self.spec.subgraph_count:
+            raise RuntimeError(f"model '{self.spec.key}' has {self.spec.subgraph_count} sub-graphs, "
+                               f"{len(graphs)} bound")
+        self._graphs = list(graphs)
+
     def call(self, *args: Any, subgraph: int = 0) -> Any:
-        """Run the model: ``call(x1, x2)`` for one instance, ``call([[x1, x2], [x3, x4]])`` for several."""
+        """Run sub-graph ``subgraph`` of the model (contract §3.2): ``call(x1, x2)`` runs one instance and returns
+        its single output, or a tuple of its outputs; ``call([[x1, x2], [x3, x4]])`` runs several (batched with
+        the model's other callers) and returns a list with one tuple of outputs per instance.
+
+        Raises:
+            RuntimeError: ``Model({key}).call() failed: ...`` (``Model({key}, subgraph={n})`` for n != 0) with
+                MindSpore's texts: no inputs, a bad inputs format, no instances, a bad sub-graph index, an
+                instance whose inputs count is not the model's, or the model's own per-instance errors (§4.3).
+        """
+        checks.check_int("subgraph", subgraph)
         prefix = f"Model({self.spec.key}).call() failed" if subgraph == 0 else \
             f"Model({self.spec.key}, subgraph={subgraph}).call() failed"
-        if subgraph != 0:
-            raise RuntimeError(f"{prefix}: The model does not have subgraph of index {subgraph}, "
-                               f"the subgraph count of the model is 1")
         if not args:
             raise RuntimeError(f"{prefix}: no inputs provided")
         single = not (len(args) == 1 and isinstance(args[0], (list, tuple)))
         instances = [list(args)] if single else list(args[0])
         if not single:
-            if not instances:
-                raise RuntimeError(f"{prefix}: Input instances count is 0")
             if not all(isinstance(i, (list, tuple)) for i in instances):
                 raise RuntimeError(f"{prefix}: inputs format invalid")
-        if self._runner is None:
+            if not instances:
+                raise RuntimeError(f"{prefix}: Input instances count is 0")
+        count = self.spec.subgraph_count
+        if not 0 <= subgraph < count:
+            raise RuntimeError(f"{prefix}: The model does not have subgraph of index {subgraph}, the subgraph count "
+                               f"of the model is {count}")
+        if not self._graphs:  # outside a Worker (at import time, in a unit test): nothing is loaded
             raise RuntimeError(f"{prefix}: the model is not declared")
-        n = self.spec.inputs_count
+        graph = self._graphs[subgraph]
+        # the loaded graph's count; a Python module's is unknown, then sub-graph 0 has the add_stage count
+        n = graph.inputs_count if graph.inputs_count is not None or subgraph else self.spec.inputs_count
         for i, inst in enumerate(instances):
             if n is not None and len(inst) != n:
                 raise RuntimeError(f"{prefix}: The inputs count {len(inst)} of instance {i} is not equal to "
                                    f"the inputs count {n} of the model")
-        results = self._runner([list(i) for i in instances])
-        outs = [r[0] if len(r) == 1 else tuple(r) for r in results]
-        return outs[0] if single else [tuple(r) for r in results]
+        try:
+            results = graph.run([list(i) for i in instances])
+        except RuntimeError as exc:
+            raise RuntimeError(f"{prefix}: {exc}") from None
+        if single:
+            return results[0][0] if len(results[0]) == 1 else tuple(results[0])
+        return [tuple(r) for r in results]
 
 
 def declare_model(
@@ -115,7 +147,9 @@ def declare_model(
     """Declare a local model of this servable (MindSpore ``register.declare_model``).
 
     Args:
-        model_file: file name(s) inside each version directory (``{servable}/{version}/{file}``).
+        model_file: file name(s) inside each version directory (``{servable}/{version}/{file}``). A list is one
+            model with several sub-graphs, sub-graph i = file i (MindSpore); `add_stage` runs sub-graph 0,
+            ``Model.call(..., subgraph=i)`` runs sub-graph i. Every file has the same format and options.
         model_format: ``"TorchExport"`` (a ``torch.export`` ``.pt2`` program: graph + weights, no user code)
             or ``"SafeTensors"`` (``module_factory()`` builds the ``torch.nn.Module``; weights come from the
             safetensors file, loaded with ``strict=True``). Case ignored.
@@ -244,7 +278,8 @@ def add_stage(stage: Any, *args: Any, outputs_count: int, batch_size: int | None
     if isinstance(stage, Model):
         if batch_size is not None:
             raise RuntimeError("Parameter 'batch_size' is only valid for a function stage")
-        _record_model_io(stage.spec, len(args), outputs_count, spec)
+        _record_model_io(stage.spec, len(args), outputs_count, spec,
+                         f"stage {len(method.stages) + 1} of method '{method.name}'")
         st = StageSpec(inputs=list(args), outputs_count=outputs_count, model=stage.spec,
                        tag=tag or f"Model '{stage.spec.key}'")
     else:
@@ -259,16 +294,18 @@ def add_stage(stage: Any, *args: Any, outputs_count: int, batch_size: int | None
     return outs[0] if outputs_count == 1 else outs
 
 
-def _record_model_io(model: ModelSpec, n_in: int, n_out: int, spec: ServableSpec) -> None:
+def _record_model_io(model: ModelSpec, n_in: int, n_out: int, spec: ServableSpec, where: str) -> None:
+    """Every add_stage of one model must give the same counts (they are sub-graph 0's; the Worker compares them
+    with the loaded model at start). ``where`` names this stage for the error."""
     if all(m is not model for m in spec.models):
         raise RuntimeError("the parameter 'stage' of add_stage must be function or Model returned by "
                            "declare_model, the model is not declared in this servable")
-    if model.inputs_count is not None and model.inputs_count != n_in:
-        raise RuntimeError(f"RegisterInputOutputInfo failed, inputs count {n_in} not match old count "
-                           f"{model.inputs_count}")
-    if model.outputs_count is not None and model.outputs_count != n_out:
-        raise RuntimeError(f"RegisterInputOutputInfo failed, outputs count {n_out} not match old count "
-                           f"{model.outputs_count}")
+    for what, new, old in (("inputs", n_in, model.inputs_count), ("outputs", n_out, model.outputs_count)):
+        if old is not None and new != old:
+            raise RuntimeError(f"RegisterInputOutputInfo failed, {what} count {new} not match old count {old} "
+                               f"(model '{model.key}': {where} gives {new}, {model.registered_by} gave {old})")
+    if model.inputs_count is None:
+        model.registered_by = where
     model.inputs_count, model.outputs_count = n_in, n_out
 
 

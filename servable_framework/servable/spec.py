@@ -49,7 +49,8 @@ class DistributedSpec:
 
 @dataclass
 class ModelSpec:
-    """One declared model. ``key`` identifies it (MindSpore: ``";".join(files)``; distributed: the servable name)."""
+    """One declared model. ``key`` identifies it (MindSpore: ``";".join(files)``; distributed: the servable name).
+    ``files[i]`` is sub-graph i: `add_stage` runs sub-graph 0, ``Model.call(..., subgraph=i)`` any of them."""
 
     key: str
     files: list[str]
@@ -61,8 +62,16 @@ class ModelSpec:
     module_factory: Callable[[], Any] | None = None
     device_dtype: str | None = None
     distributed: DistributedSpec | None = None
-    inputs_count: int | None = None  # set by the first add_stage that uses the model
+    # the counts of sub-graph 0, set by the first add_stage that uses the model; ``registered_by`` names that
+    # stage ("stage 2 of method 'predict'") for the errors that compare counts
+    inputs_count: int | None = None
     outputs_count: int | None = None
+    registered_by: str = ""
+
+    @property
+    def subgraph_count(self) -> int:
+        """MindSpore: a list of files is one model with several sub-graphs (sub-graph i = file i)."""
+        return max(len(self.files), 1)  # a distributed model has no files and one graph
 
 
 @dataclass

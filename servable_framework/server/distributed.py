@@ -46,7 +46,8 @@ def declare_servable(rank_size: int, stage_size: int, with_batch_dim: bool = Tru
 
 
 def start_servable(servable_directory: str, servable_name: str, rank_table_json_file: str, version_number: int = 1,
-                   distributed_address: str = "0.0.0.0:6200", wait_agents_time_in_seconds: int = 0) -> None:
+                   distributed_address: str = "0.0.0.0:6200", wait_agents_time_in_seconds: int = 0, *,
+                   keys_dir: str | None = None) -> None:
     """Start the Distributed Worker of a servable and block until all its Agents registered.
 
     Args:
@@ -56,6 +57,9 @@ def start_servable(servable_directory: str, servable_name: str, rank_table_json_
         version_number: version reported for the servable (0 -> 1); model files live on the Agents.
         distributed_address: ``"ip:port"`` the Agents connect to.
         wait_agents_time_in_seconds: give up when not all Agents registered within this time (0 = wait forever).
+        keys_dir: CurveZMQ keys (`servable_framework.curve`; default ``$SERVABLE_KEYS_DIR``): only Agents holding
+            an authorized key can register. Required when ``distributed_address`` is not loopback (the default
+            ``0.0.0.0`` is not): a start error otherwise, naming the command that creates keys.
 
     Raises:
         RuntimeError: ``Fail to start workers: Failed to wait for ready of all agents, current agents count: k,
@@ -64,7 +68,8 @@ def start_servable(servable_directory: str, servable_name: str, rank_table_json_
     from servable_framework import server
 
     server.start_servables(DistributedStartConfig(servable_directory, servable_name, rank_table_json_file,
-                                                  version_number, distributed_address, wait_agents_time_in_seconds))
+                                                  version_number, distributed_address, wait_agents_time_in_seconds,
+                                                  keys_dir))
 
 
 __all__ = ["DistributedStartConfig", "declare_servable", "start_servable", "startup_agents"]

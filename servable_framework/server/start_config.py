@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from servable_framework import crypto, curve
 from servable_framework.servable import checks
 
 
@@ -27,7 +28,9 @@ class ServableStartConfig:
         version_number: version folder to load; 0 = the newest.
         device_type: None, "CPU" or "GPU" (case ignored); None picks CUDA when available and ids are given.
         num_parallel_workers: total Workers = max(len(device_ids), num_parallel_workers), in [0, 64].
-        dec_key, dec_mode: accepted for compatibility; model decryption is not supported (must be None).
+        dec_key, dec_mode: the key (bytes of length 16, 24 or 32) and mode ("AES-GCM" or "AES-CBC") of an
+            encrypted model (`servable_framework.crypto`); the Workers decrypt it in memory. Never shown by
+            repr, logs or errors.
     """
 
     def __init__(self, servable_directory: str, servable_name: str, device_ids: int | list[int] | None = None,
@@ -39,17 +42,22 @@ class ServableStartConfig:
         self.version_number = checks.check_int("version_number", version_number, 0)
         self.device_type = _device_type(device_type)
         self.num_parallel_workers = checks.check_int("num_parallel_workers", num_parallel_workers, 0, 64)
-        if dec_key is not None:
-            raise RuntimeError("Parameter 'dec_key': model decryption is not supported by servable_framework")
-        if dec_mode not in ("AES-GCM", "AES-CBC"):
-            raise RuntimeError(f"Parameter 'dec_mode' should be 'AES-GCM' or 'AES-CBC', but actually {dec_mode}")
+        self.decryption = crypto.check_key(dec_key, dec_mode)
+        self.dec_mode = dec_mode
+
+    def __repr__(self) -> str:
+        key = "None" if self.decryption is None else "<redacted>"
+        return (f"ServableStartConfig(servable_directory={self.servable_directory!r}, "
+                f"servable_name={self.servable_name!r}, device_ids={self.device_ids!r}, "
+                f"version_number={self.version_number}, device_type={self.device_type!r}, "
+                f"num_parallel_workers={self.num_parallel_workers}, dec_key={key}, dec_mode={self.dec_mode!r})")
 
 
 class DistributedStartConfig:
     """What `distributed.start_servable` starts: one Distributed Worker driving the Agents of a rank table."""
 
     def __init__(self, servable_directory: str, servable_name: str, rank_table_json_file: str, version_number: int,
-                 distributed_address: str, wait_agents_time_in_seconds: int) -> None:
+                 distributed_address: str, wait_agents_time_in_seconds: int, keys_dir: str | None = None) -> None:
         self.servable_directory = resolve_path(checks.check_str("servable_directory", servable_directory))
         self.servable_name = checks.check_str("servable_name", servable_name)
         self.rank_table_json_file = resolve_path(checks.check_str("rank_table_json_file", rank_table_json_file))
@@ -57,6 +65,9 @@ class DistributedStartConfig:
         self.distributed_address = checks.check_str("distributed_address", distributed_address)
         self.wait_agents_time_in_seconds = checks.check_int("wait_agents_time_in_seconds",
                                                             wait_agents_time_in_seconds, 0)
+        keys = curve.resolve(keys_dir)  # checked here, before a Worker starts: a clear error from start_servable
+        curve.require_keys(self.distributed_address, keys, "The distributed worker", "distributed")
+        self.keys_dir = str(keys.directory) if keys is not None else None
 
 
 def _device_type(value: str | None) -> str | None:

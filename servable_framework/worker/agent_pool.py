@@ -20,6 +20,8 @@ import datetime
 import enum
 import itertools
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -30,7 +32,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from servable_framework import transport
+from servable_framework import curve, transport
 from servable_framework.errors import ServingError, StartupError, Unavailable
 from servable_framework.rank_table import RankInfo, check_against_declaration, parse_rank_table
 from servable_framework.servable.spec import ModelSpec, ServableSpec
@@ -82,6 +84,7 @@ class AgentPool:
         self.pending: dict[int, _Batch] = {}
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
+        self.zap: curve.ZapHandler | None = None
         self._config_ok = False
         self.failure = ""
         self.joined_batches = 0
@@ -94,21 +97,28 @@ class AgentPool:
 
     async def start(self) -> None:
         address = self.cfg["distributed_address"]
+        keys = curve.resolve(self.cfg.get("keys_dir"))
+        curve.require_keys(address, keys, "The distributed worker", "distributed")
+        if keys is not None:  # Agents must hold an authorized key: nothing else can register or take batches
+            self.zap = curve.ZapHandler(self.sock.context, keys)  # type: ignore[arg-type]
+            curve.secure_server(self.sock, keys)
+            self._tasks.append(curve.watch_handshakes(self.sock, "the distributed worker"))
         try:
             self.sock.bind(transport.zmq_endpoint(address, "distributed"))
         except zmq.ZMQError as exc:
             raise StartupError(f"Distributed worker bind to {address} failed: {exc}") from None
-        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeat_loop())]
-        log.info("Distributed worker listening on %s for %d agents", address, self.dist.rank_size)
+        self._tasks += [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeat_loop())]
+        log.info("Distributed worker listening on %s for %d agents%s", address, self.dist.rank_size,
+                 " (CurveZMQ: authorized keys only)" if keys is not None else "")
         path = self.cfg["rank_table_json_file"]
         self.ranks = parse_rank_table(path)
         check_against_declaration(self.ranks, path, self.dist.rank_size, self.dist.stage_size)
         import torch.distributed as dist
 
-        host, _ = transport.parse_address(address, "distributed")
-        # the rendezvous every generation of the Agents' torch.distributed group goes through
-        self.store = dist.TCPStore("0.0.0.0" if host in ("0.0.0.0", "*") else host, 0, is_master=True,
-                                   wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
+        host, port = transport.parse_address(address, "distributed")
+        # the rendezvous every generation of the Agents' torch.distributed group goes through; on the Worker's own
+        # address (a unix: address has only local Agents: loopback)
+        self.store = _rendezvous_store(dist, host if port is not None else "127.0.0.1")
         self._config_ok = True
 
     async def wait_ready(self) -> None:
@@ -312,7 +322,37 @@ class AgentPool:
             await self._send(identity, Kind.EXIT, {"final": True})
         for task in self._tasks:
             task.cancel()
+        if self.zap is not None:
+            self.zap.close()
         self.sock.close(linger=500)
+
+
+def _rendezvous_store(dist: Any, host: str) -> Any:
+    """The master TCPStore of the Agents' rendezvous, listening on ``host`` (the Distributed Worker's configured
+    address; a wildcard means every interface, as configured) and an ephemeral port. torch's TCPStore listens on
+    every interface whatever host it is given, so the socket is bound here and handed over."""
+    wildcard = host in ("0.0.0.0", "*")
+    bind_host = "0.0.0.0" if wildcard else host
+    try:
+        family, kind, _, _, sockaddr = socket.getaddrinfo(bind_host, 0, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        listener = socket.socket(family, kind)
+        try:
+            listener.bind(sockaddr)
+            listener.listen(1024)
+            port = int(listener.getsockname()[1])
+            fd = listener.detach()  # owned by the store from here on
+        finally:
+            listener.close()
+    except OSError as exc:
+        raise StartupError(f"Distributed worker failed to listen for the agents' rendezvous on {bind_host}: "
+                           f"{exc}") from None
+    try:  # the store's own client connects to it too: a wildcard is reached on loopback
+        return dist.TCPStore("127.0.0.1" if wildcard else bind_host, port, is_master=True, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=60), master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class _Batch:

@@ -8,6 +8,7 @@ with a static batch B is padded with copies of the first instance (contract §4.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from servable_framework import crypto
 from servable_framework.errors import InvalidInput
 from servable_framework.servable.spec import ModelSpec
 from servable_framework.wire import Value
@@ -32,29 +34,45 @@ class InputInfo:
 
 
 class LocalModel:
-    """One loaded model on one device. ``run(instances)`` is called by the model's batching thread only."""
+    """One loaded sub-graph of a model (file ``spec.files[subgraph]``) on one device. ``run(instances)`` is called
+    by its batching thread only.
 
-    def __init__(self, spec: ModelSpec, version_dir: str, device: torch.device) -> None:
+    Start-time checks (sub-graph 0, the one `add_stage` runs): the counts of inputs and outputs given to
+    `add_stage` must be the loaded graph's, else loading fails with MindSpore's texts (contract §3.4) and the
+    Worker does not start. A ``.pt2`` program knows both counts; a Python module (``SafeTensors``) knows its
+    inputs count only when ``forward`` takes a fixed number of positional arguments, and never its outputs
+    count before it runs: that one is checked at its first call.
+    """
+
+    def __init__(self, spec: ModelSpec, version_dir: str, device: torch.device, subgraph: int = 0) -> None:
         self.spec = spec
         self.device = device
+        self.subgraph = subgraph
         paths = [os.path.join(version_dir, f) for f in spec.files]
         for path in paths:
             if not os.path.isfile(path):
                 raise RuntimeError(f"Load model failed, servable directory: {version_dir}, model file '{path}' "
                                    f"not exist")
         try:
-            self.module, self.inputs = self._load(paths[0])
+            self.module, self.inputs = self._load(paths[subgraph])
         except Exception as exc:
             raise RuntimeError(f"Load model failed, servable directory: {version_dir}, {exc}") from exc
+        self.inputs_count = len(self.inputs) if self.inputs is not None else _forward_arity(self.module)
+        self.outputs_count = _graph_outputs_count(self.module) if spec.model_format == "TorchExport" else None
         self.static_batch = self._static_batch()
         self.batch_size = self._batch_size()
-        if self.inputs is not None and spec.inputs_count is not None and len(self.inputs) != spec.inputs_count:
-            raise RuntimeError(f"The inputs count {spec.inputs_count} in register_method not equal to the count "
-                               f"{len(self.inputs)} defined in model")
+        if subgraph == 0:
+            self._check_registered("inputs", spec.inputs_count, self.inputs_count)
+            self._check_registered("outputs", spec.outputs_count, self.outputs_count)
+
+    def _check_registered(self, what: str, registered: int | None, real: int | None) -> None:
+        if registered is not None and real is not None and registered != real:
+            raise RuntimeError(f"The {what} count {registered} in register_method not equal to the count {real} "
+                               f"defined in model (model '{self.spec.key}', {self.spec.registered_by})")
 
     def _load(self, path: str) -> tuple[Any, list[InputInfo] | None]:
         if self.spec.model_format == "TorchExport":
-            program = torch.export.load(path)
+            program = torch.export.load(crypto.model_source(path))  # decrypted in memory when encrypted
             infos = []
             for node in program.graph.nodes:
                 if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
@@ -62,11 +80,9 @@ class LocalModel:
                     shape = tuple(int(d) if isinstance(d, int) else None for d in val.shape)
                     infos.append(InputInfo(np.dtype(str(val.dtype).removeprefix("torch.")), shape))
             return program.module().to(self.device), infos
-        from safetensors.torch import load_file
-
         assert self.spec.module_factory is not None
         module = self.spec.module_factory()
-        module.load_state_dict(load_file(path), strict=True)
+        module.load_state_dict(crypto.load_safetensors(path), strict=True)  # safetensors, maybe encrypted
         if self.spec.device_dtype:
             module = module.to(getattr(torch, self.spec.device_dtype))
         return module.to(self.device).eval(), None
@@ -136,7 +152,29 @@ class LocalModel:
         args = [torch.from_numpy(np.array(v)).to(self.device) for v in values]
         result = self.module(*args)
         results = result if isinstance(result, (tuple, list)) else [result]
-        if self.spec.outputs_count is not None and len(results) != self.spec.outputs_count:
+        if self.subgraph == 0 and self.spec.outputs_count is not None and len(results) != self.spec.outputs_count:
+            # only a Python module gets here: a program's outputs count was checked at load
             raise RuntimeError(f"The outputs count {self.spec.outputs_count} in register_method not equal to the "
-                               f"count {len(results)} defined in model")
+                               f"count {len(results)} defined in model (model '{self.spec.key}', "
+                               f"{self.spec.registered_by})")
         return [r.detach().cpu().numpy() for r in results]
+
+
+def _graph_outputs_count(module: Any) -> int:
+    """The outputs of an exported program's graph (its output node's flat values: what ``module(...)`` returns
+    for a tensor or a tuple/list of tensors, the output structures `LocalModel` serves)."""
+    node = next(n for n in module.graph.nodes if n.op == "output")
+    values = node.args[0]
+    return len(values) if isinstance(values, (tuple, list)) else 1
+
+
+def _forward_arity(module: Any) -> int | None:
+    """The inputs count of a Python module: ``forward``'s positional parameters, when they are all required
+    (a default or ``*args`` leaves it unknown)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    fixed = all(p.default is p.empty for p in positional) and not any(p.kind is p.VAR_POSITIONAL for p in params)
+    return len(positional) if fixed else None

@@ -196,8 +196,12 @@ class MethodRunner:
             slot.error = _cancelled()
             return
         if len(outputs) != stage.outputs_count:
+            # a shard (distributed model) declares no outputs count: it is known only now (a program's was
+            # checked when the Worker loaded it)
+            assert stage.model is not None
             slot.error = ServingError(f"The outputs count {stage.outputs_count} in register_method not equal to "
-                                      f"the count {len(outputs)} defined in model")
+                                      f"the count {len(outputs)} defined in model (model '{stage.model.key}', "
+                                      f"{stage.model.registered_by})")
             return
         slot.values[k] = list(outputs)
 

@@ -23,6 +23,7 @@ import zmq.asyncio
 from servable_framework import procs, transport
 from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.logs import setup_logging
+from servable_framework.servable.declare import GraphRunner
 from servable_framework.servable.loader import LoadedServable, load_servable, resolve_version
 from servable_framework.wire import Kind, Value, decode_instances, encode_instances, encode_value, unpack
 from servable_framework.worker.batcher import ModelBatcher
@@ -35,6 +36,12 @@ from servable_framework.worker.values import from_stage_output
 log = logging.getLogger("servable_framework.worker")
 
 REQUEST_THREADS = 16
+
+
+def batcher_key(model_key: str, subgraph: int) -> str:
+    """Key of a sub-graph's batcher in ``Worker.batchers`` (and its name in ``/metrics``): sub-graph 0, the one
+    `add_stage` runs, is keyed by the model key, as the method runner looks it up."""
+    return model_key if subgraph == 0 else f"{model_key}[subgraph {subgraph}]"
 
 
 class Worker:
@@ -86,6 +93,8 @@ class Worker:
             "methods": {name: m.required_inputs for name, m in loaded.spec.methods.items()},
             "streaming": sorted(name for name, m in loaded.spec.methods.items() if m.stream),
             "request_timeout_s": loaded.spec.request_timeout_s,
+            # Main cuts a request's instances into chunks of whole batches over the Workers (0: no model)
+            "batch_size": min((b.backend.batch_size for b in self.batchers.values()), default=0),
             # inputs/outputs with what is known of their types, for protocol metadata (KServe v2)
             "signatures": method_signatures(loaded.spec, {k: b.backend for k, b in self.batchers.items()})}
         await transport.send(self.sock, Kind.REGISTER, self.register_header)
@@ -103,28 +112,34 @@ class Worker:
             device = torch.device("cuda", p["device_id"])
         version_dir = os.path.join(p["servable_directory"], p["servable_name"], str(p["version"]))
         for spec in loaded.spec.models:
-            t0 = time.perf_counter()
-            model = LocalModel(spec, version_dir, device)
-            log.info("loaded model '%s' (%s) on %s in %.2f s, batch size %d", spec.key, spec.model_format, device,
-                     time.perf_counter() - t0, model.batch_size)
-            self.batchers[spec.key] = ModelBatcher(model, spec.key, spec.max_batch_delay_ms)
+            for subgraph in range(spec.subgraph_count):  # one file each, batched apart: shapes differ
+                t0 = time.perf_counter()
+                model = LocalModel(spec, version_dir, device, subgraph)
+                log.info("loaded model '%s' (%s) on %s in %.2f s, batch size %d", spec.files[subgraph],
+                         spec.model_format, device, time.perf_counter() - t0, model.batch_size)
+                key = batcher_key(spec.key, subgraph)
+                self.batchers[key] = ModelBatcher(model, key, spec.max_batch_delay_ms)
 
     def _bind_handles(self, loaded: LoadedServable) -> None:
-        """Make ``Model.call`` usable from stage functions: it goes through the same batcher."""
+        """Make ``Model.call`` usable from stage functions: each sub-graph goes through its batcher (sub-graph 0:
+        the one `add_stage` uses, so both kinds of callers are batched together)."""
         for handle in loaded.handles:
-            batcher = self.batchers[handle.spec.key]
+            graphs = []
+            for subgraph in range(handle.spec.subgraph_count):
+                batcher = self.batchers[batcher_key(handle.spec.key, subgraph)]
 
-            def call(instances: list[list[Any]], batcher: ModelBatcher = batcher) -> list[list[Value]]:
-                futures = batcher.submit([[from_stage_output(v) for v in inst] for inst in instances])
-                out = []
-                for fut in futures:
-                    try:
-                        out.append(fut.result())
-                    except ServingError as exc:
-                        raise RuntimeError(exc.message) from None
-                return out
+                def call(instances: list[list[Any]], batcher: ModelBatcher = batcher) -> list[list[Value]]:
+                    futures = batcher.submit([[from_stage_output(v) for v in inst] for inst in instances])
+                    out = []
+                    for fut in futures:
+                        try:
+                            out.append(fut.result())
+                        except ServingError as exc:
+                            raise RuntimeError(exc.message) from None
+                    return out
 
-            handle._runner = call
+                graphs.append(GraphRunner(getattr(batcher.backend, "inputs_count", None), call))
+            handle.bind(graphs)
 
     async def serve(self) -> None:
         watchdog = asyncio.create_task(self._watch_main())
@@ -301,6 +316,7 @@ async def _amain(payload: dict[str, Any]) -> int:
 
 def worker_main() -> None:
     payload = procs.read_payload()
+    assert payload is not None, "a Worker is always spawned with its payload"
     setup_logging(f"worker:{payload['servable_name']}")
     if payload.get("device_id") is not None:
         os.environ["SERVING_DEVICE_ID"] = str(payload["device_id"])  # user code may read it at import

@@ -28,6 +28,9 @@ PYTHON = sys.executable
 
 
 def child_env(**extra: str) -> dict[str, str]:
+    # no standby Agent interpreters by default: each costs a torch import (seconds of CPU on 2 cores) per cluster;
+    # the fault tests that measure recovery turn them on
+    extra.setdefault("SERVABLE_AGENT_STANDBY", "0")
     return testing.child_env("SERVABLE_TEST_SESSION", SESSION_ID, REPO, **extra)
 
 

@@ -240,3 +240,136 @@ def test_legacy_call_servable_needs_exactly_one_model(tmp_path: Path) -> None:
     two = 'm = register.declare_model("a.pt2", "torchexport")\nm2 = register.declare_model("b.pt2", "torchexport")\n'
     (tmp_path / "two").mkdir()
     assert "more than one servable declared" in load_error(tmp_path / "two", two + textwrap.dedent(method))
+
+
+MULTI = """
+    m = register.declare_model(["a.pt2", "b.pt2"], "TorchExport")
+    @register.register_method(output_names=["z"])
+    def run(x, y):
+        return register.add_stage(m, x, y, outputs_count=1)
+"""
+
+
+def _multi(tmp_path: Path):
+    loaded = load_servable(str(make(tmp_path, MULTI)), "svc")
+    return loaded.spec.models[0], loaded.handles[0]
+
+
+def _call_error(handle, *args, **kw) -> str:
+    with pytest.raises(RuntimeError) as info:
+        handle.call(*args, **kw)
+    return str(info.value)
+
+
+def test_a_list_of_files_is_one_model_with_subgraphs(tmp_path: Path) -> None:
+    spec, handle = _multi(tmp_path)
+    assert spec.key == "a.pt2;b.pt2" and spec.files == ["a.pt2", "b.pt2"] and spec.subgraph_count == 2
+    assert (spec.inputs_count, spec.outputs_count, spec.registered_by) == (2, 1, "stage 1 of method 'run'")
+    # nothing is loaded outside a Worker: the argument checks come first, then "not declared"
+    key = "Model(a.pt2;b.pt2).call() failed: "
+    assert _call_error(handle) == key + "no inputs provided"
+    assert _call_error(handle, [1, 2]) == key + "inputs format invalid"
+    assert _call_error(handle, []) == key + "Input instances count is 0"
+    assert _call_error(handle, 1, subgraph=2) == "Model(a.pt2;b.pt2, subgraph=2).call() failed: The model does " \
+                                                 "not have subgraph of index 2, the subgraph count of the model is 2"
+    assert "subgraph count of the model is 2" in _call_error(handle, 1, subgraph=-1)
+    assert _call_error(handle, 1, subgraph=True) == "Parameter 'subgraph' should be int, but actually <class 'bool'>"
+    assert _call_error(handle, 1, 2) == key + "the model is not declared"
+
+
+def test_model_call_runs_the_subgraph_it_names(tmp_path: Path) -> None:
+    from servable_framework.servable.declare import GraphRunner
+
+    _, handle = _multi(tmp_path)
+    calls: list[tuple[int, list[list[int]]]] = []
+
+    def graph(n: int, outputs: int) -> GraphRunner:
+        def run(instances: list[list[int]]) -> list[list[int]]:
+            calls.append((n, instances))
+            return [[sum(inst) * (k + 1) for k in range(outputs)] for inst in instances]
+        return GraphRunner(inputs_count=2 if n == 0 else 1, run=run)
+
+    with pytest.raises(RuntimeError, match="2 sub-graphs, 1 bound"):
+        handle.bind([graph(0, 1)])
+    handle.bind([graph(0, 1), graph(1, 2)])
+    assert handle.call(1, 2) == 3  # one output: the value
+    assert handle.call(5, subgraph=1) == (5, 10)  # several: a tuple
+    assert handle.call([[1, 2], [3, 4]]) == [(3,), (7,)]  # several instances: a tuple each
+    assert handle.call([(5,), [6]], subgraph=1) == [(5, 10), (6, 12)]
+    assert calls == [(0, [[1, 2]]), (1, [[5]]), (0, [[1, 2], [3, 4]]), (1, [[5], [6]])]
+    key, key1 = "Model(a.pt2;b.pt2).call() failed: ", "Model(a.pt2;b.pt2, subgraph=1).call() failed: "
+    assert _call_error(handle, 1, 2, 3) == key + "The inputs count 3 of instance 0 is not equal to the inputs " \
+                                                 "count 2 of the model"
+    assert _call_error(handle, [[1, 2], [3]]) == key + "The inputs count 1 of instance 1 is not equal to the " \
+                                                       "inputs count 2 of the model"
+    assert _call_error(handle, 1, 2, subgraph=1) == key1 + "The inputs count 2 of instance 0 is not equal to the " \
+                                                           "inputs count 1 of the model"
+    assert len(calls) == 4, "a rejected call runs nothing"
+
+
+def test_model_used_with_other_counts_names_both_stages(tmp_path: Path) -> None:
+    body = """
+        m = register.declare_model("a.pt2", "TorchExport")
+        @register.register_method(output_names=["z"])
+        def first(x):
+            return register.add_stage(m, x, outputs_count=1)
+        @register.register_method(output_names=["z"])
+        def second(x, y):
+            return register.add_stage(m, x, y, outputs_count=1)
+    """
+    assert load_error(tmp_path, body) == (
+        "import svc.servable_config failed, RegisterInputOutputInfo failed, inputs count 2 not match old count 1 "
+        "(model 'a.pt2': stage 1 of method 'second' gives 2, stage 1 of method 'first' gave 1)")
+
+
+def test_loaded_model_counts_checked_against_add_stage(tmp_path: Path) -> None:
+    """What the Worker does at start (no process here): a program's inputs and outputs counts, a Python module's
+    inputs count when its forward has a fixed arity."""
+    import torch
+
+    from servable_framework.servable.spec import ModelSpec
+    from servable_framework.worker.local_model import LocalModel
+    from tests.support.servables.multigraph.export_model import export_programs
+
+    export_programs(str(tmp_path / "1"))
+
+    def spec(inputs: int | None, outputs: int | None, files: list[str], fmt: str = "TorchExport",
+             factory=None) -> ModelSpec:
+        return ModelSpec(key=";".join(files), files=files, model_format=fmt, with_batch_dim=True,
+                         without_batch_dim_inputs=(), max_batch_size=0, max_batch_delay_ms=0.0,
+                         module_factory=factory, inputs_count=inputs, outputs_count=outputs,
+                         registered_by="stage 2 of method 'm'")
+
+    cpu = torch.device("cpu")
+    files = ["affine.pt2", "stats.pt2"]
+    ok = [LocalModel(spec(2, 1, files), str(tmp_path / "1"), cpu, n) for n in (0, 1)]
+    assert [(m.inputs_count, m.outputs_count) for m in ok] == [(2, 1), (1, 2)]
+    with pytest.raises(RuntimeError) as info:
+        LocalModel(spec(2, 2, files), str(tmp_path / "1"), cpu)
+    assert str(info.value) == ("The outputs count 2 in register_method not equal to the count 1 defined in model "
+                               "(model 'affine.pt2;stats.pt2', stage 2 of method 'm')")
+    with pytest.raises(RuntimeError, match="The inputs count 1 in register_method not equal to the count 2 defined"):
+        LocalModel(spec(1, 1, files), str(tmp_path / "1"), cpu)
+    LocalModel(spec(2, 2, files), str(tmp_path / "1"), cpu, 1)  # the add_stage counts are sub-graph 0's only
+
+    from safetensors.torch import save_file
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return x * self.w + y
+
+    class Loose(Net):
+        def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+            return x * self.w
+
+    save_file({"w": torch.ones(3)}, str(tmp_path / "1" / "net.safetensors"))
+    module = LocalModel(spec(2, 5, ["net.safetensors"], "SafeTensors", Net), str(tmp_path / "1"), cpu)
+    assert (module.inputs_count, module.outputs_count) == (2, None)  # outputs: known when it runs
+    with pytest.raises(RuntimeError, match="The inputs count 3 in register_method not equal to the count 2"):
+        LocalModel(spec(3, 1, ["net.safetensors"], "SafeTensors", Net), str(tmp_path / "1"), cpu)
+    loose = LocalModel(spec(3, 1, ["net.safetensors"], "SafeTensors", Loose), str(tmp_path / "1"), cpu)
+    assert loose.inputs_count is None  # a default: the arity is not fixed, nothing to compare
