@@ -5,10 +5,13 @@
 Loads the exported program with ``torch.export.load`` and answers ``POST /model/add:add_common`` with the
 same JSON shapes as the framework (``{"instances": [{"x1": [[..]], "x2": [[..]]}]}`` ->
 ``{"instances": [{"y": [[..]]}]}``); ``GET /ready`` answers 200 once the model is loaded. The model runs
-inline on the event loop (it takes microseconds); no validation beyond what numpy/torch do.
+inline on the event loop (it takes microseconds); no validation beyond what numpy/torch do. uvicorn runs with
+Main's own settings (`servable_framework.main.http.UVICORN_OPTIONS`: event loop, HTTP parser, log level,
+keep-alive; one process).
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +20,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
+from servable_framework.main.http import UVICORN_OPTIONS  # noqa: E402
 
 torch.set_num_threads(1)
 model = torch.export.load(sys.argv[1]).module()
@@ -41,5 +47,4 @@ app = Starlette(routes=[Route("/model/add:add_common", add_common, methods=["POS
                         Route("/ready", ready, methods=["GET"])])
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False,
-                timeout_keep_alive=100)  # the same uvicorn settings as the framework's REST server
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), workers=1, **UVICORN_OPTIONS)

@@ -1,20 +1,31 @@
-"""Throughput and latency of `add_common` (tensor_add example): framework REST and ZMQ vs a bare Starlette app.
+"""The MindSpore protocol hot path (tensor_add ``add_common``): the framework against a bare in-process app.
 
 What is measured, in one run, on this machine:
 
 * framework: ``python -m tests.support.serve local`` (Main process + Worker process, as the tests start it)
-  serving a temporary servable folder with the tensor_add example's servable_config.py and freshly
-  exported tensor_add.pt2; REST (``POST /model/add:add_common``) and ZMQ (`servable_framework.client.Client`);
-* baseline: ``bench/_bare_add_app.py``, one process, Starlette + uvicorn, the same .pt2 loaded with
-  ``torch.export.load``, the same URL path and JSON bodies.
+  serving a temporary servable folder with the tensor_add example's servable_config.py and a freshly exported
+  tensor_add.pt2, plus a second servable ``echo`` (one Python stage returning its input) for the large tensor;
+* baseline: ``bench/_bare_add_app.py``, one process, Starlette + uvicorn with the framework's own uvicorn
+  settings (`servable_framework.main.http.UVICORN_OPTIONS`: event loop, HTTP implementation, log level,
+  keep-alive; one process), the same .pt2 loaded with ``torch.export.load``, the same URL path and JSON body.
 
-Load: closed loop, ``c`` threads in this process (c = 1 and 8); REST workers each hold their own keep-alive
-``httpx.Client``; ZMQ workers each hold their own `Client`. Every cell: warm-up (not recorded), then until
-``--requests`` answers or ``--seconds`` pass. Every answer is checked (y == x1 + x2, exact in float32);
-wrong answers and failures are counted as errors. Ratios are req/s of the row / req/s of the baseline at
-the same concurrency (and latency ratios likewise). The servers and the load generator share the CPUs.
+Rows of the table:
 
-    .venv/bin/python bench/bench_add.py [--requests 2000] [--seconds 10] [--warmup 3]
+* REST via ``wrk`` (one thread, keep-alive, ``POST /model/add:add_common`` with MindSpore's JSON body of two 2x2
+  float32 inputs from a Lua script): c=1 p50 latency (wrk ``--latency``), c=8 and c=32 req/s. For each
+  concurrency the bare app and the framework run back to back, after a 1 s warm-up each;
+* REST via a Python closed loop (one thread, a keep-alive ``httpx.Client``, every answer checked) at c=1: p50;
+* ZMQ: `servable_framework.client.Client` round trip at c=1 (p50, every answer checked) next to a
+  ``torch.distributed.rpc`` ``rpc_sync`` of the same two tensors (``bench/_torch_rpc.py``: two processes,
+  TensorPipe backend on localhost);
+* large tensor: one 64 MiB float32 tensor through the Client -> Main -> Worker -> back (``echo``), next to the
+  same through torch RPC and next to a plain memcpy (``np.copyto``) of 64 MiB.
+
+Set-up: ``wrk`` comes from Debian's packages (``apt-get install -y wrk``); the benchmark stops with that hint
+when it is missing. The servers, ``wrk`` and this process share the CPUs: check the load (printed) and run it
+twice before trusting a ratio.
+
+    .venv/bin/python bench/bench_add.py [--seconds 5] [--concurrency 1 8 32] [--zmq-calls 2000] [--big-calls 5]
 
 Writes bench/results/bench_add.json.
 """
@@ -23,9 +34,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `bench`, `servable_framework`
@@ -33,22 +48,77 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 import httpx
 import numpy as np
 
-from bench._common import REPO, Proc, check_alive, free_port, run_load, stop_all, table, wait_http_ready, write_results
+from bench._common import PYTHON, REPO, Proc, check_alive, free_port, median, stop_all, table, wait_http_ready, \
+    write_results
 from servable_framework.client import Client
+from servable_framework.main.http import UVICORN_OPTIONS
 
 URL_PATH = "/model/add:add_common"
 EXAMPLE = REPO / "examples" / "tensor_add"
+BODY = '{"instances": [{"x1": [[1.0, 2.0], [3.0, 4.0]], "x2": [[1.0, 2.0], [3.0, 4.0]]}]}'
+LUA = f"""wrk.method = "POST"
+wrk.body = '{BODY}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+ECHO_CONFIG = '''"""Benchmark servable: one Python stage that returns its input."""
+from servable_framework.server import register
+
+
+def identity(x):
+    return x
+
+
+@register.register_method(output_names=["y"])
+def echo(x):
+    return register.add_stage(identity, x, outputs_count=1)
+'''
+BIG_MIB = 64
 
 
 def make_servable_dir(root: Path) -> Path:
-    """<root>/add/servable_config.py (the example's) + <root>/add/1/tensor_add.pt2 (exported now)."""
+    """<root>/add/servable_config.py (the example's) + <root>/add/1/tensor_add.pt2 (exported now), and
+    <root>/echo (a Python stage, no model)."""
     (root / "add").mkdir(parents=True)
     shutil.copy(EXAMPLE / "add" / "servable_config.py", root / "add" / "servable_config.py")
     spec = importlib.util.spec_from_file_location("add_model", EXAMPLE / "export_model" / "add_model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.export(str(root))
+    (root / "echo" / "1").mkdir(parents=True)
+    (root / "echo" / "servable_config.py").write_text(ECHO_CONFIG)
     return root
+
+
+# ------------------------------------------------------------------------------------------------ wrk
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def run_wrk(url: str, concurrency: int, seconds: float, script: Path) -> dict:
+    """One wrk run: req/s, p50/p99 latency (ms), requests, socket errors and non-2xx answers."""
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+
+    def latency(pct: str) -> float:
+        m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+
+    rps = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"rps": float(rps.group(1)) if rps else float("nan"), "p50_ms": latency("50"), "p99_ms": latency("99"),
+            "requests": int(total.group(1)) if total else 0,
+            "errors": (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)}
+
+
+def check_rest(base_url: str) -> None:
+    """The body wrk sends gets the right answer (wrk itself only counts statuses)."""
+    r = httpx.post(base_url + URL_PATH, content=BODY, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 200 and r.json() == {"instances": [{"y": [[2.0, 4.0], [6.0, 8.0]]}]}, r.text
+
+
+# ---------------------------------------------------------------------------------------- Python loops
 
 
 def inputs(seq: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,55 +127,96 @@ def inputs(seq: int) -> tuple[np.ndarray, np.ndarray]:
     return base + np.float32(seq % 100000), base * np.float32(0.5) - np.float32(seq % 977)
 
 
-def rest_worker(base_url: str):
-    def make(_: int):
-        client = httpx.Client(base_url=base_url, timeout=30.0)  # one keep-alive connection per worker
-
-        def call(seq: int) -> bool:
+def python_rest_p50(base_url: str, calls: int) -> float:
+    """c=1 closed loop with httpx (keep-alive); every answer checked; p50 ms."""
+    lat = []
+    with httpx.Client(base_url=base_url, timeout=30.0) as client:
+        for seq in range(200 + calls):
             x1, x2 = inputs(seq)
+            t0 = time.perf_counter()
             r = client.post(URL_PATH, json={"instances": [{"x1": x1.tolist(), "x2": x2.tolist()}]})
-            if r.status_code != 200:
-                return False
+            dt = time.perf_counter() - t0
             y = np.asarray(r.json()["instances"][0]["y"], dtype=np.float32)
-            return y.shape == (2, 2) and np.array_equal(y, x1 + x2)
+            assert r.status_code == 200 and np.array_equal(y, x1 + x2)
+            if seq >= 200:
+                lat.append(dt)
+    return median(lat) * 1e3
 
-        return call
 
-    return make
-
-
-def zmq_worker(address: str):
-    def make(_: int):
-        client = Client(address, "add", "add_common", timeout_s=30.0)
-
-        def call(seq: int) -> bool:
+def zmq_p50(address: str, calls: int) -> float:
+    """c=1 Client round trips of the 2x2 add; every answer checked; p50 ms."""
+    lat = []
+    with Client(address, "add", "add_common", timeout_s=30.0) as client:
+        for seq in range(200 + calls):
             x1, x2 = inputs(seq)
+            t0 = time.perf_counter()
             out = client.infer([{"x1": x1, "x2": x2}])
-            if not isinstance(out, list) or "y" not in out[0]:
-                return False
+            dt = time.perf_counter() - t0
+            assert out[0]["y"].dtype == np.float32 and np.array_equal(out[0]["y"], x1 + x2)
+            if seq >= 200:
+                lat.append(dt)
+    return median(lat) * 1e3
+
+
+def zmq_big_p50(address: str, calls: int) -> float:
+    """Round trips of one BIG_MIB MiB float32 tensor through ``echo``; answers checked; p50 ms."""
+    x = np.arange(BIG_MIB * 2**20 // 4, dtype=np.float32)
+    lat = []
+    with Client(address, "echo", "echo", timeout_s=120.0) as client:
+        for i in range(1 + calls):
+            t0 = time.perf_counter()
+            out = client.infer([{"x": x}])
+            dt = time.perf_counter() - t0
             y = out[0]["y"]
-            return y.dtype == np.float32 and np.array_equal(y, x1 + x2)
+            assert y.shape == x.shape and y[-1] == x[-1] and y[12345] == x[12345]
+            del out, y
+            if i >= 1:
+                lat.append(dt)
+    return median(lat) * 1e3
 
-        return call
 
-    return make
+def memcpy_p50(calls: int = 20) -> float:
+    src = np.arange(BIG_MIB * 2**20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    lat = []
+    for _ in range(calls + 2):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        lat.append(time.perf_counter() - t0)
+    return median(lat[2:]) * 1e3
+
+
+def torch_rpc(small_calls: int, big_calls: int) -> dict:
+    out = subprocess.run([PYTHON, str(REPO / "bench" / "_torch_rpc.py"), str(free_port()), str(small_calls),
+                          str(big_calls), str(BIG_MIB)], capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=2000, help="measured requests per cell (upper bound)")
-    ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per cell (upper bound)")
-    ap.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per cell, not recorded")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--seconds", type=float, default=5.0, help="seconds of each wrk run")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--zmq-calls", type=int, default=2000, help="measured 2x2 round trips (ZMQ, torch RPC, httpx)")
+    ap.add_argument("--big-calls", type=int, default=5, help=f"measured {BIG_MIB} MiB round trips")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["wrk", "python", "zmq", "big"],
+                    help="leave parts out (a partial table, for quick checks)")
     a = ap.parse_args()
+    if "wrk" not in a.skip and shutil.which("wrk") is None:
+        sys.exit("wrk is missing: apt-get install -y wrk")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_add-"))
+    script = tmp / "post.lua"
+    script.write_text(LUA)
     procs: list[Proc] = []
-    cells: dict[tuple[str, int], dict] = {}
+    res: dict[str, dict] = {}
     try:
         sdir = make_servable_dir(tmp / "servables")
         rest_port, zmq_port, bare_port = free_port(), free_port(), free_port()
         fw = Proc(["-m", "tests.support.serve", "local", "--dir", str(sdir), "--name", "add",
+                   "--also-local", str(sdir), "echo", "--max-msg-mb", "512",
                    "--rest", f"127.0.0.1:{rest_port}", "--zmq", f"127.0.0.1:{zmq_port}", "--device-ids", "0"],
                   "framework", tmp)
         bare = Proc([str(REPO / "bench" / "_bare_add_app.py"), str(sdir / "add" / "1" / "tensor_add.pt2"),
@@ -113,33 +224,74 @@ def main() -> None:
         procs += [fw, bare]
         wait_http_ready(f"http://127.0.0.1:{rest_port}/ready", [fw], 120)
         wait_http_ready(f"http://127.0.0.1:{bare_port}/ready", [bare], 60)
+        urls = {"bare": f"http://127.0.0.1:{bare_port}", "framework": f"http://127.0.0.1:{rest_port}"}
+        for url in urls.values():
+            check_rest(url)
 
-        targets = [("framework REST", rest_worker(f"http://127.0.0.1:{rest_port}")),
-                   ("framework ZMQ", zmq_worker(f"127.0.0.1:{zmq_port}")),
-                   ("bare starlette REST", rest_worker(f"http://127.0.0.1:{bare_port}"))]
-        for name, make in targets:
+        if "wrk" not in a.skip:
             for c in a.concurrency:
-                cells[(name, c)] = res = run_load(make, c, a.warmup, a.requests, a.seconds)
-                print(f"  {name:20s} c={c}: {res['rps']:8.1f} req/s  p50 {res['p50_ms']:.2f} ms  "
-                      f"p99 {res['p99_ms']:.2f} ms  ({res['requests']} req, {res['errors']} errors)", flush=True)
+                for name, url in urls.items():
+                    run_wrk(url + URL_PATH, c, 1, script)  # warm-up
+                    res[f"wrk {name} c={c}"] = r = run_wrk(url + URL_PATH, c, a.seconds, script)
+                    print(f"  wrk {name:9s} c={c:<3d} {r['rps']:9.1f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                          f"p99 {r['p99_ms']:.3f} ms  ({r['requests']} req, {r['errors']} errors)", flush=True)
+        if "python" not in a.skip:
+            for name, url in urls.items():
+                res[f"httpx {name}"] = {"p50_ms": python_rest_p50(url, a.zmq_calls)}
+                print(f"  httpx {name:9s} c=1   p50 {res[f'httpx {name}']['p50_ms']:.3f} ms", flush=True)
+        if "zmq" not in a.skip:
+            res["zmq"] = {"p50_ms": zmq_p50(f"127.0.0.1:{zmq_port}", a.zmq_calls)}
+            print(f"  ZMQ Client c=1 p50 {res['zmq']['p50_ms']:.3f} ms", flush=True)
+        if "big" not in a.skip:
+            res["zmq big"] = {"p50_ms": zmq_big_p50(f"127.0.0.1:{zmq_port}", a.big_calls)}
+            print(f"  ZMQ Client {BIG_MIB} MiB p50 {res['zmq big']['p50_ms']:.2f} ms", flush=True)
         check_alive(procs)
     finally:
         stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
+    if "zmq" not in a.skip or "big" not in a.skip:
+        rpc = torch_rpc(a.zmq_calls, a.big_calls)
+        res["torch rpc"] = {"p50_ms": rpc["small_p50_ms"]}
+        res["torch rpc big"] = {"p50_ms": rpc["big_p50_ms"]}
+        print(f"  torch RPC c=1 p50 {rpc['small_p50_ms']:.3f} ms, {BIG_MIB} MiB p50 {rpc['big_p50_ms']:.2f} ms")
+    if "big" not in a.skip:
+        res["memcpy"] = {"p50_ms": memcpy_p50()}
 
-    rows, out = [], []
-    for (name, c), r in cells.items():
-        base = cells[("bare starlette REST", c)]
-        rows.append([name, c, r["rps"], r["p50_ms"], r["p99_ms"], r["rps"] / base["rps"],
-                     r["p50_ms"] / base["p50_ms"], r["p99_ms"] / base["p99_ms"], r["requests"],
-                     r["errors"] + r["warmup_errors"]])
-        out.append({"server": name, "concurrency": c, **r, "rps_vs_baseline": r["rps"] / base["rps"],
-                    "p50_vs_baseline": r["p50_ms"] / base["p50_ms"], "p99_vs_baseline": r["p99_ms"] / base["p99_ms"]})
+    rows: list[list] = []
+    checks: list[dict] = []
+
+    def row(what: str, ours: float, base_name: str, base: float, unit: str, goal: str, ok: bool) -> None:
+        rows.append([what, ours, base_name, base, unit, ours / base, goal, "PASS" if ok else "FAIL"])
+        checks.append({"what": what, "framework": ours, "baseline": base_name, "baseline_value": base, "unit": unit,
+                       "ratio": ours / base, "goal": goal, "pass": ok})
+
+    for c in a.concurrency:
+        fw_r, bare_r = res.get(f"wrk framework c={c}"), res.get(f"wrk bare c={c}")
+        if fw_r is None or bare_r is None:
+            continue
+        if c == 1:
+            ratio = fw_r["p50_ms"] / bare_r["p50_ms"]
+            row("REST c=1 p50 (wrk)", fw_r["p50_ms"], "bare app", bare_r["p50_ms"], "ms", "<= 1.5", ratio <= 1.5)
+        else:
+            ratio = fw_r["rps"] / bare_r["rps"]
+            row(f"REST c={c} (wrk)", fw_r["rps"], "bare app", bare_r["rps"], "req/s", ">= 0.95", ratio >= 0.95)
+    if "httpx framework" in res:
+        f, b = res["httpx framework"]["p50_ms"], res["httpx bare"]["p50_ms"]
+        row("REST c=1 p50 (httpx)", f, "bare app", b, "ms", "-", True)
+    if "zmq" in res:
+        f, b = res["zmq"]["p50_ms"], res["torch rpc"]["p50_ms"]
+        row("ZMQ Client c=1 p50", f, "torch RPC", b, "ms", "<= 1.0", f / b <= 1.0)
+    if "zmq big" in res:
+        f = res["zmq big"]["p50_ms"]
+        row(f"{BIG_MIB} MiB round trip p50", f, "torch RPC", res["torch rpc big"]["p50_ms"], "ms", "<= 1.0",
+            f <= res["torch rpc big"]["p50_ms"])
+        row(f"{BIG_MIB} MiB round trip p50", f, "memcpy", res["memcpy"]["p50_ms"], "ms", "<= 4.0",
+            f <= 4 * res["memcpy"]["p50_ms"])
     print()
-    print(table(["server", "c", "req/s", "p50 ms", "p99 ms", "req/s ratio", "p50 ratio", "p99 ratio",
-                 "requests", "errors"], rows))
-    print("ratios: row / bare starlette at the same concurrency (req/s: higher is better; latency: lower)")
-    write_results("bench_add", {"settings": vars(a), "baseline": "bare starlette REST", "cells": out})
+    print(table(["measure", "framework", "baseline", "baseline value", "unit", "ratio", "goal", ""], rows))
+    print("ratio: framework / baseline, measured in this run")
+    write_results("bench_add", {"settings": vars(a), "uvicorn_options": UVICORN_OPTIONS, "raw": res,
+                                "checks": checks})
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ Decryption happens in memory only: `model_source` (``torch.export.load``), `load
 `safe_open` (safetensors) hand the loaders bytes or tensors, never a decrypted file on disk. In a checkpoint
 directory (Qwen) the ``.safetensors`` files are the encrypted ones; JSON and tokenizer files stay plain.
 
-The key of a child process (Worker, Agent) travels in its spawn payload (`procs.spawn`: the JSON in its
-environment, readable only by the same OS user, never on a command line) as hex under `PAYLOAD_FIELD`; no
+The key of a child process (Worker, Agent) travels in its spawn payload as hex under `PAYLOAD_FIELD`, never on
+a command line: a Worker's payload is JSON in its environment (readable only by the same OS user), an Agent's
+comes through a pipe (`procs.spawn` with a standby child) and is set with `set_process_key`; no
 code logs a payload, and in the parent it is held as a `Secret` whose repr is redacted. The child takes it
 once (`process_key`) and removes it from its ``os.environ`` so that processes it starts do not inherit it.
 

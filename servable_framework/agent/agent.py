@@ -27,7 +27,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from servable_framework import curve, netif, procs, transport
+from servable_framework import crypto, curve, netif, procs, transport
 from servable_framework.agent.shard import InStepError, ModelShard, ShardContext, WaitingBatch, find_shard
 from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.logs import setup_logging
@@ -522,6 +522,9 @@ def agent_main() -> None:
     if payload is None:  # a standby whose startup process ended without needing it
         procs.exit_now(0)
         return
+    key = payload.pop(crypto.PAYLOAD_FIELD, None)  # came through a pipe, never the environment
+    if key:
+        crypto.set_process_key(crypto.ModelKey.from_payload(key))
     setup_logging(f"agent{payload['rank']}")
     os.environ.update({"RANK_ID": str(payload["rank"]), "DEVICE_ID": str(payload["device_id"])})
     code = asyncio.run(_amain(payload))

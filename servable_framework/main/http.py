@@ -23,6 +23,20 @@ EVENT_STREAM = "text/event-stream"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 T = TypeVar("T")
 
+# uvicorn's settings for Main's REST server, shared with the benchmark's bare baseline app (bench/bench_add.py
+# runs it with exactly these): one process, no access log, keep-alive connections held for 100 s.
+UVICORN_OPTIONS: dict[str, Any] = {"loop": "asyncio", "http": "h11", "log_level": "warning", "access_log": False,
+                                   "timeout_keep_alive": 100}
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop of the kind ``UVICORN_OPTIONS["loop"]`` names (Main creates its loop itself)."""
+    if UVICORN_OPTIONS["loop"] == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
 
 class EventStream(StreamingResponse):
     """A StreamingResponse that always closes its iterator, also when the client hung up mid-stream (Starlette

@@ -26,7 +26,7 @@ import zmq.asyncio
 from servable_framework import procs, transport
 from servable_framework.curve import CurveKeys
 from servable_framework.logs import setup_logging
-from servable_framework.main import auth
+from servable_framework.main import auth, http
 from servable_framework.main.dispatcher import Dispatcher
 from servable_framework.main.rest import build_app
 from servable_framework.main.workers import WorkerHandle, WorkerSet
@@ -41,7 +41,7 @@ T = TypeVar("T")
 class Master:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
+        self.loop = http.new_event_loop()  # uvloop when the REST server runs on it
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="serving-main", daemon=False)
         self.thread.start()
@@ -109,8 +109,8 @@ class Master:
             "ssl_certfile": tls.certificate, "ssl_keyfile": tls.private_key, "ssl_ca_certs": tls.custom_ca,
             "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.verify_client else ssl.CERT_NONE, "ssl_ciphers": CIPHERS}
         auth.warn_if_exposed(ip, api_keys, tls is not None)
-        config = uvicorn.Config(build_app(self.dispatcher, max_msg_bytes, api_keys), log_level="warning",
-                                lifespan="off", timeout_keep_alive=100, access_log=False, **ssl_args)
+        config = uvicorn.Config(build_app(self.dispatcher, max_msg_bytes, api_keys), lifespan="off",
+                                **http.UVICORN_OPTIONS, **ssl_args)
         server = uvicorn.Server(config)
         self.rest = server
 
