@@ -24,6 +24,8 @@ class Settings(BaseModel):
     step_timeout_s: float = Field(30.0, gt=0, description="an Agent whose running batch makes no step for this long "
                                   "(a peer rank hung or died inside a collective) fails it and makes the group "
                                   "re-form, well before the 120 s torch.distributed timeout")
+    group_timeout_s: float = Field(120.0, gt=0, description="torch.distributed timeout of the Agents' rendezvous "
+                                   "and collectives (sent to every Agent in its config)")
     cancel_abandoned: bool = Field(True, description="a request past its deadline, or whose REST client hung up, is "
                                    "stopped in the Worker and on the Agents (else it runs on for nobody)")
     max_enqueued_requests: int = Field(10000, ge=1, description="requests admitted at once; above: 503")
@@ -49,6 +51,8 @@ class Settings(BaseModel):
     def _timeout_above_interval(self) -> Settings:
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s must be greater than heartbeat_interval_s")
+        if self.step_timeout_s >= self.group_timeout_s:  # the step watch must fire before torch's own timeout
+            raise ValueError("step_timeout_s must be less than group_timeout_s")
         return self
 
     @classmethod

@@ -24,7 +24,7 @@ def start_agents(rank_start=0, checkpoint=None, agent_ip=None, address="127.0.0.
         from servables.qwen.tiny_model import build_tiny_qwen
 
         checkpoint = str(build_tiny_qwen(os.path.join(REPO, "tiny_models")))
-    table = fetch_config(address, 60.0)["ranks"]  # [ip, device_id] per rank
+    table = fetch_config(address, 60.0).ranks  # (ip, device_id) per rank
     count = sum(1 for ip, _ in table if ip == table[rank_start][0])
     distributed.startup_agents(distributed_address=address, model_files=[os.path.abspath(checkpoint)] * count,
                                agent_ip=agent_ip or table[rank_start][0], rank_start=rank_start)

@@ -28,6 +28,7 @@ import zmq
 import zmq.asyncio
 
 from servable_framework import crypto, curve, netif, procs, transport
+from servable_framework.agent.config import AgentConfig, AgentPayload
 from servable_framework.agent.shard import InStepError, ModelShard, ShardContext, WaitingBatch, find_shard
 from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.logs import setup_logging
@@ -103,8 +104,8 @@ class _Link:
 
     def __init__(self, agent: Agent, batch_id: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.agent, self.batch_id, self.loop = agent, batch_id, loop
-        self.max_rows = int(agent.cfg.get("max_batch_rows", 0)) if agent.cfg.get("continuous_batching") else 0
-        self.join_delay_s = float(agent.cfg.get("max_batch_delay_ms", 0.0)) / 1000.0
+        self.max_rows = agent.cfg.max_batch_rows if agent.cfg.continuous_batching else 0
+        self.join_delay_s = agent.cfg.max_batch_delay_ms / 1000.0
         self.open: list[Any] = []  # joined batches not yet completed
         self.done: set[Any] = set()
 
@@ -208,7 +209,7 @@ def bind_collectives(host: str) -> str:
     return iface
 
 
-def init_distributed(cfg: dict[str, Any], rank: int, device_id: int, store_host: str) -> tuple[Any, Any, Any]:
+def init_distributed(cfg: AgentConfig, rank: int, device_id: int, store_host: str) -> tuple[Any, Any, Any]:
     """Join the group of this generation; returns (device, tp_group, cpu_group). On CUDA the default group is
     nccl (tensors) and ``cpu_group`` a gloo group of every rank (host-side metadata); on CPU the default group
     is gloo and ``cpu_group`` None.
@@ -219,24 +220,24 @@ def init_distributed(cfg: dict[str, Any], rank: int, device_id: int, store_host:
     import torch
     import torch.distributed as dist
 
-    host = str(cfg["ranks"][rank][0])
+    host = cfg.ranks[rank][0]
     iface = bind_collectives(host)
     log.info("rank %d: collectives on %s (interface %s), rendezvous at %s:%s", rank, host, iface, store_host,
-             cfg["store_port"])
+             cfg.store_port)
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", device_id) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=float(cfg.get("group_timeout_s", 120)))
-    store = dist.TCPStore(store_host, int(cfg["store_port"]), is_master=False, timeout=timeout)
-    prefixed = dist.PrefixStore(f"gen{cfg['generation']}/", store)
+    timeout = datetime.timedelta(seconds=cfg.group_timeout_s)
+    store = dist.TCPStore(store_host, cfg.store_port, is_master=False, timeout=timeout)
+    prefixed = dist.PrefixStore(f"gen{cfg.generation}/", store)
     dist.init_process_group("nccl" if use_cuda else "gloo", store=prefixed, rank=rank,
-                            world_size=int(cfg["rank_size"]), timeout=timeout)
+                            world_size=cfg.rank_size, timeout=timeout)
     # every rank creates every group, in the same order
     cpu_group = dist.new_group(backend="gloo") if use_cuda else None
-    tp = int(cfg["rank_size"]) // int(cfg["stage_size"])
+    tp = cfg.rank_size // cfg.stage_size
     tp_group = None
-    for stage in range(int(cfg["stage_size"])):  # every rank creates every group, in the same order
+    for stage in range(cfg.stage_size):  # every rank creates every group, in the same order
         group = dist.new_group(list(range(stage * tp, (stage + 1) * tp))) if tp > 1 else None
         if rank // tp == stage:
             tp_group = group
@@ -244,17 +245,17 @@ def init_distributed(cfg: dict[str, Any], rank: int, device_id: int, store_host:
 
 
 class Agent:
-    def __init__(self, payload: dict[str, Any]) -> None:
+    def __init__(self, payload: AgentPayload) -> None:
         self.payload = payload
-        self.cfg: dict[str, Any] = payload["config"]
-        self.rank: int = payload["rank"]
+        self.cfg = payload.config
+        self.rank = payload.rank
         self.ctx = zmq.asyncio.Context()
         self.sock = transport.async_socket(self.ctx, zmq.DEALER,
                                            identity=f"agent-{self.rank}-{os.getpid()}".encode())
-        keys = curve.resolve(payload.get("keys_dir"))
+        keys = curve.resolve(payload.keys_dir)
         if keys is not None:  # the startup process checked that keys exist where the Worker requires them
             curve.secure_client(self.sock, keys)
-        self.sock.connect(transport.zmq_endpoint(payload["distributed_address"], "distributed"))
+        self.sock.connect(transport.zmq_endpoint(payload.distributed_address, "distributed"))
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.inbox = Inbox()
         # batch id -> instances Main gave up on (output rank only; set on the loop, read by the compute thread)
@@ -277,33 +278,33 @@ class Agent:
     def load(self) -> None:
         import torch
 
-        threads = int(self.payload.get("threads") or 1)  # the startup process's `Settings.agent_thread_count`
+        threads = self.payload.threads  # the startup process's `Settings.agent_thread_count`
         torch.set_num_threads(threads)
         try:  # one compute thread and no inter-op parallel work: no idle inter-op pool
             torch.set_num_interop_threads(1)
         except RuntimeError:  # only possible before the first inter-op parallel work; keep the default then
             pass
         log.info("rank %d uses %d torch threads", self.rank, threads)
-        host, _ = transport.parse_address(self.payload["distributed_address"], "distributed")
+        host, _ = transport.parse_address(self.payload.distributed_address, "distributed")
         t0 = time.perf_counter()
-        device, tp_group, cpu_group = init_distributed(self.cfg, self.rank, self.payload["device_id"],
+        device, tp_group, cpu_group = init_distributed(self.cfg, self.rank, self.payload.device_id,
                                             "127.0.0.1" if host in ("0.0.0.0", "*") else host)
         log.info("rank %d joined the %s group (generation %d) in %.2f s", self.rank,
-                 "nccl" if device.type == "cuda" else "gloo", self.cfg["generation"], time.perf_counter() - t0)
-        ctx = ShardContext(rank=self.rank, rank_size=int(self.cfg["rank_size"]),
-                           stage_size=int(self.cfg["stage_size"]), model_files=self.payload["model_files"],
+                 "nccl" if device.type == "cuda" else "gloo", self.cfg.generation, time.perf_counter() - t0)
+        ctx = ShardContext(rank=self.rank, rank_size=self.cfg.rank_size,
+                           stage_size=self.cfg.stage_size, model_files=self.payload.model_files,
                            device=device, tp_group=tp_group, cpu_group=cpu_group,
-                           options=dict(self.cfg.get("shard_options") or {}))
+                           options=dict(self.cfg.shard_options))
         t0 = time.perf_counter()
-        log.info("rank %d loading shard '%s' (stage %d, tp rank %d/%d) from %s", self.rank, self.cfg["shard"],
+        log.info("rank %d loading shard '%s' (stage %d, tp rank %d/%d) from %s", self.rank, self.cfg.shard,
                  ctx.stage, ctx.tp_rank, ctx.tp_size, ctx.model_files)
-        self.shard = find_shard(self.cfg["shard"])(ctx)
+        self.shard = find_shard(self.cfg.shard)(ctx)
         log.info("rank %d shard loaded in %.2f s", self.rank, time.perf_counter() - t0)
 
     async def run(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self.compute, self.load)
         await transport.send(self.sock, Kind.REGISTER, {"rank": self.rank, "pid": os.getpid(),
-                                                        "generation": self.cfg["generation"]})
+                                                        "generation": self.cfg.generation})
         procs_status(self.payload, b"R")
         self.last_ping = time.monotonic()
         tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._watch_worker())]
@@ -437,15 +438,15 @@ class Agent:
         self.finish(EXIT_REJOIN)
 
     async def _watch_worker(self) -> None:
-        hb = self.cfg["heartbeat"]
+        hb = self.cfg.heartbeat
         while True:
-            await asyncio.sleep(hb["interval_s"])
+            await asyncio.sleep(hb.interval_s)
             now = time.monotonic()
-            if now - self.last_ping > hb["timeout_s"]:
-                log.error("rank %d: no heartbeat from the distributed worker for %.1f s", self.rank, hb["timeout_s"])
+            if now - self.last_ping > hb.timeout_s:
+                log.error("rank %d: no heartbeat from the distributed worker for %.1f s", self.rank, hb.timeout_s)
                 self.finish(EXIT_REJOIN)
                 return
-            step_timeout = float(hb.get("step_timeout_s", 30.0))
+            step_timeout = hb.step_timeout_s
             if self.running is not None and now - self.last_step > step_timeout:
                 await self._leave_group(f"rank {self.rank}: batch {self.running} made no step for {step_timeout:.0f} s "
                                         f"(a peer rank hung or died inside a collective); the group re-forms")
@@ -463,18 +464,15 @@ class Agent:
         self.ctx.term()
 
 
-def procs_status(payload: dict[str, Any], status: bytes) -> None:
+def procs_status(payload: AgentPayload, status: bytes) -> None:
     """Tell the startup process how the start went (b"R" ready, b"F<text>" failed) over the status pipe."""
-    fd = payload.get("status_fd")
-    if fd is None:
-        return
     try:
-        os.write(int(fd), status[:4096] + b"\n")
+        os.write(payload.status_fd, status[:4096] + b"\n")
     except OSError:
         pass
 
 
-async def _amain(payload: dict[str, Any]) -> int:
+async def _amain(payload: AgentPayload) -> int:
     agent = Agent(payload)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -485,11 +483,11 @@ async def _amain(payload: dict[str, Any]) -> int:
     await asyncio.wait({run, done}, return_when=asyncio.FIRST_COMPLETED)
     if run.done() and run.exception() is not None:
         exc = run.exception()
-        log.error("rank %d failed to start: %s", payload["rank"], "".join(traceback.format_exception(exc)))
-        text = f"rank {payload['rank']}: {type(exc).__name__}: {exc}"
+        log.error("rank %d failed to start: %s", payload.rank, "".join(traceback.format_exception(exc)))
+        text = f"rank {payload.rank}: {type(exc).__name__}: {exc}"
         procs_status(payload, b"F" + text.encode(errors="replace"))
         try:
-            await asyncio.wait_for(transport.send(agent.sock, Kind.FAILED, {"rank": payload["rank"], "error": text}),
+            await asyncio.wait_for(transport.send(agent.sock, Kind.FAILED, {"rank": payload.rank, "error": text}),
                                    0.5)
         except Exception:
             pass
@@ -518,15 +516,16 @@ def agent_main() -> None:
     warm = os.environ.get(WARM_SHARD_ENV)
     if warm is not None:
         _warm_up(warm)
-    payload = procs.read_payload()
-    if payload is None:  # a standby whose startup process ended without needing it
+    raw = procs.read_payload()
+    if raw is None:  # a standby whose startup process ended without needing it
         procs.exit_now(0)
         return
-    key = payload.pop(crypto.PAYLOAD_FIELD, None)  # came through a pipe, never the environment
+    key = raw.pop(crypto.PAYLOAD_FIELD, None)  # came through a pipe, never the environment
     if key:
         crypto.set_process_key(crypto.ModelKey.from_payload(key))
-    setup_logging(f"agent{payload['rank']}")
-    os.environ.update({"RANK_ID": str(payload["rank"]), "DEVICE_ID": str(payload["device_id"])})
+    payload = AgentPayload.model_validate(raw)  # a mismatch is a bug between two files of one install: fail loudly
+    setup_logging(f"agent{payload.rank}")
+    os.environ.update({"RANK_ID": str(payload.rank), "DEVICE_ID": str(payload.device_id)})
     code = asyncio.run(_amain(payload))
     # skip interpreter teardown: a process group with a dead peer can hang in destructors
     procs.exit_now(code)

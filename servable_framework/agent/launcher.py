@@ -27,6 +27,7 @@ from typing import Any
 
 from servable_framework import crypto, curve, netif, procs
 from servable_framework.agent.agent import EXIT_REJOIN, WARM_SHARD_ENV
+from servable_framework.agent.config import AgentConfig, AgentPayload
 from servable_framework.agent.worker_link import ServableStopped, WorkerLink
 from servable_framework.logs import setup_logging
 from servable_framework.settings import Settings
@@ -83,7 +84,7 @@ class _Process:
 
 
 class AgentSupervisor:
-    def __init__(self, link: WorkerLink, ranks: list[int], model_files: list[list[str]], config: dict[str, Any],
+    def __init__(self, link: WorkerLink, ranks: list[int], model_files: list[list[str]], config: AgentConfig,
                  max_restarts: int, config_timeout_s: float, decryption: crypto.ModelKey | None = None) -> None:
         self.link = link
         self.decryption = decryption
@@ -103,11 +104,11 @@ class AgentSupervisor:
 
     def _start_process(self, rank: int, standby: bool) -> _Process:
         status_r, status_w = os.pipe()
-        device_id = int(self.config["ranks"][rank][1])
-        name = f"{self.config['servable']}_worker_agent_rank{rank}_device{device_id}" + ("_standby" if standby else "")
+        device_id = self.config.ranks[rank][1]
+        name = f"{self.config.servable}_worker_agent_rank{rank}_device{device_id}" + ("_standby" if standby else "")
         try:
             child = procs.spawn("servable_framework.agent", None, name, extra_fds=[status_w],
-                                env={WARM_SHARD_ENV: str(self.config["shard"])} if standby else None)
+                                env={WARM_SHARD_ENV: self.config.shard} if standby else None)
         finally:
             os.close(status_w)  # only the child holds the write end: EOF on status_r means it exited
         return _Process(child, status_r, status_w)
@@ -121,10 +122,10 @@ class AgentSupervisor:
             proc = None
         if proc is None:
             proc = self._start_process(rank, standby=False)
-        payload = {"rank": rank, "device_id": int(self.config["ranks"][rank][1]), "model_files": files,
-                   "config": self.config, "distributed_address": self.address, "status_fd": proc.status_fd,
-                   "threads": self.threads,
-                   "keys_dir": str(self.link.keys.directory) if self.link.keys is not None else None}
+        payload = AgentPayload(rank=rank, device_id=self.config.ranks[rank][1], model_files=files, config=self.config,
+                               distributed_address=self.address, status_fd=proc.status_fd, threads=self.threads,
+                               keys_dir=str(self.link.keys.directory) if self.link.keys is not None else None
+                               ).model_dump(mode="json")
         if self.decryption is not None:  # the Agent takes it out at once (`crypto.process_key`); never logged
             payload[crypto.PAYLOAD_FIELD] = self.decryption.to_payload()
         proc.child.give_payload(payload)
@@ -290,9 +291,9 @@ def startup_agents(distributed_address: str, model_files: Any, group_config_file
     link = WorkerLink(distributed_address, keys)
     try:
         config = link.fetch_config(config_timeout_s)
-        ranks = local_ranks([(ip, int(d)) for ip, d in config["ranks"]], rank_start)
+        ranks = local_ranks(list(config.ranks), rank_start)
         if len(files) != len(ranks):
-            raise RuntimeError(f"Card count {[int(config['ranks'][r][1]) for r in ranks]} described rank table does "
+            raise RuntimeError(f"Card count {[config.ranks[r][1] for r in ranks]} described rank table does "
                                f"not equal to model files size {len(files)}, model files: {model_files}")
         files = [[_readable(f, "model file") for f in group] for group in files]
         for group in groups or []:
@@ -301,8 +302,8 @@ def startup_agents(distributed_address: str, model_files: Any, group_config_file
     except BaseException:
         link.close()
         raise
-    log.info("starting agents for ranks %s of servable '%s' (%d ranks, %d stages)%s", ranks, config["servable"],
-             config["rank_size"], config["stage_size"],
+    log.info("starting agents for ranks %s of servable '%s' (%d ranks, %d stages)%s", ranks, config.servable,
+             config.rank_size, config.stage_size,
              f", model files encrypted ({decryption.mode})" if decryption else "")
     sup = AgentSupervisor(link, ranks, files, config, max_restarts, config_timeout_s, decryption)
     if threading.current_thread() is threading.main_thread():

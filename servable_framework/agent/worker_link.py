@@ -22,7 +22,10 @@ from typing import Any
 
 import zmq
 
+from pydantic import ValidationError
+
 from servable_framework import curve, transport
+from servable_framework.agent.config import AgentConfig
 from servable_framework.errors import ServingError
 from servable_framework.wire import Kind, pack, unpack
 
@@ -70,7 +73,7 @@ class WorkerLink:
         self._drain(0, None)
 
     def fetch_config(self, timeout_s: float, lost: list[dict[str, Any]] | None = None,
-                     cancelled: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+                     cancelled: Callable[[], bool] = lambda: False) -> AgentConfig:
         """Ask the Worker for the agent config, once a second until ``timeout_s``.
 
         ``lost`` names Agents (rank, pid, error) this process is about to replace: the Worker retires them from
@@ -96,11 +99,19 @@ class WorkerLink:
             answer = self._drain(min(RETRY_S, max(deadline - time.monotonic(), 0.0)), first)
             if answer is not None:
                 if "error" not in answer:
-                    return answer
+                    return self._validated(answer.get("config"))
                 last_error = str(answer["error"])
                 self._sleep_until(min(time.monotonic() + RETRY_S, deadline))  # the Worker is up but not ready
         raise RuntimeError(f"Failed to get the agent config from the distributed worker at {self.address} within "
                            f"{timeout_s:.0f} s ({last_error}); is serving_server.py running?")
+
+    def _validated(self, raw: Any) -> AgentConfig:
+        try:
+            return AgentConfig.model_validate(raw)
+        except ValidationError as exc:  # e.g. hosts running different servable_framework versions
+            raise RuntimeError(f"the distributed worker at {self.address} sent an agent config this process cannot "
+                               f"use (is the same servable_framework version installed on every host?): "
+                               f"{exc}") from None
 
     def _sleep_until(self, until: float) -> None:
         while not self.stopped.is_set() and time.monotonic() < until:
@@ -136,9 +147,10 @@ class WorkerLink:
                 return None
 
 
-def fetch_config(address: str, timeout_s: float) -> dict[str, Any]:
-    """One-off: the agent config of the Distributed Worker at ``address`` (e.g. to read ``rank_size``)."""
-    link = WorkerLink(address)
+def fetch_config(address: str, timeout_s: float, keys_dir: str | None = None) -> AgentConfig:
+    """One-off: the agent config of the Distributed Worker at ``address`` (e.g. to read its rank table); keys as
+    `startup_agents` (default ``$SERVABLE_KEYS_DIR``)."""
+    link = WorkerLink(address, curve.resolve(keys_dir))
     try:
         return link.fetch_config(timeout_s)
     finally:

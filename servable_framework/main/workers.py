@@ -112,7 +112,8 @@ class WorkerSet:
         payload = {**payload, "worker_id": worker_id, "main_address": self.address,
                    "heartbeat": {"interval_s": self.settings.heartbeat_interval_s,
                                  "timeout_s": self.settings.heartbeat_timeout_s,
-                                 "step_timeout_s": self.settings.step_timeout_s}}
+                                 "step_timeout_s": self.settings.step_timeout_s,
+                                 "group_timeout_s": self.settings.group_timeout_s}}
         handle = WorkerHandle(worker_id, payload, os.path.join(self.settings.log_dir, log_name))
         self.workers[worker_id] = handle
         self._launch(handle)

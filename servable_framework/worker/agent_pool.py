@@ -33,6 +33,7 @@ import zmq
 import zmq.asyncio
 
 from servable_framework import curve, transport
+from servable_framework.agent.config import AgentConfig, AgentHeartbeat
 from servable_framework.errors import ServingError, StartupError, Unavailable
 from servable_framework.rank_table import RankInfo, check_against_declaration, parse_rank_table
 from servable_framework.servable.spec import ModelSpec, ServableSpec
@@ -200,14 +201,21 @@ class AgentPool:
             self._fail(f"Agent rank {rank} (pid {pid}) {error or 'was lost'}")
 
     def _agent_config(self) -> dict[str, Any]:
+        """The CONFIG answer: ``{"config": AgentConfig}`` (validated here too: a bad value fails on this end,
+        not in every startup process), or ``{"error": text}`` while the pool cannot give one yet."""
         if not self._config_ok:
             return {"error": "the distributed worker is not ready to give agent configs yet"}
-        return {"servable": self.spec.name, "rank_size": self.dist.rank_size, "stage_size": self.dist.stage_size,
-                "shard": self.dist.shard, "shard_options": self.dist.shard_options,
-                "with_batch_dim": self.model.with_batch_dim, "ranks": [[r.ip, r.device_id] for r in self.ranks],
-                "store_port": self.store.port, "generation": self.generation, "heartbeat": self.heartbeat,
-                "continuous_batching": self.dist.continuous_batching, "max_batch_rows": self.model.max_batch_size,
-                "max_batch_delay_ms": self.model.max_batch_delay_ms}
+        hb = self.heartbeat
+        config = AgentConfig(
+            servable=self.spec.name, rank_size=self.dist.rank_size, stage_size=self.dist.stage_size,
+            shard=self.dist.shard, shard_options=dict(self.dist.shard_options or {}),
+            with_batch_dim=self.model.with_batch_dim, ranks=[(r.ip, int(r.device_id)) for r in self.ranks],
+            store_port=self.store.port, generation=self.generation,
+            heartbeat=AgentHeartbeat(interval_s=hb["interval_s"], timeout_s=hb["timeout_s"],
+                                     step_timeout_s=hb["step_timeout_s"]),
+            group_timeout_s=hb["group_timeout_s"], continuous_batching=self.dist.continuous_batching,
+            max_batch_rows=self.model.max_batch_size, max_batch_delay_ms=self.model.max_batch_delay_ms)
+        return {"config": config.model_dump(mode="json")}
 
     async def _on_register(self, identity: bytes, header: dict[str, Any]) -> None:
         rank, generation = header.get("rank"), header.get("generation")

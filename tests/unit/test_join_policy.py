@@ -14,8 +14,8 @@ def link(max_rows: int, delay_ms: float, *counts: int, waited_s: float = 0.0) ->
     inbox = Inbox()
     for n, count in enumerate(counts):
         inbox.put(WaitingBatch(10 + n, None, count, arrived=time.monotonic() - waited_s))
-    agent = SimpleNamespace(inbox=inbox, rank=0, cfg={"continuous_batching": True, "max_batch_rows": max_rows,
-                                                      "max_batch_delay_ms": delay_ms})
+    agent = SimpleNamespace(inbox=inbox, rank=0, cfg=SimpleNamespace(continuous_batching=True, max_batch_rows=max_rows,
+                                                                      max_batch_delay_ms=delay_ms))
     return _Link(agent, 1, None)  # type: ignore[arg-type]  # no loop: joinable sends nothing
 
 
