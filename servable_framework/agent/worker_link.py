@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-
 from pydantic import ValidationError
 
 from servable_framework import curve, transport
