@@ -156,3 +156,52 @@ def test_distributed_wrong_key_fails_agent_startup(servers, matmul_dir, tmp_path
     wait_until(lambda: not new_pids(before), 30, "every process of the failed start to exit")
     for key in (right, wrong):
         assert_key_nowhere(key, server.log(), agents.log(), *logs_under(tmp_path))
+
+
+SAFETENSORS_CONFIG = """
+import torch
+from servable_framework.server import register
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+net = register.declare_model("net.safetensors", "SafeTensors", with_batch_dim=True, module_factory=Net)
+
+
+@register.register_method(output_names=["y"])
+def forward(x):
+    return register.add_stage(net, x, outputs_count=1)
+"""
+
+
+def test_local_encrypted_safetensors_answers_like_plaintext(servers, tmp_path) -> None:
+    import torch
+    from safetensors.torch import save
+
+    torch.manual_seed(0)
+    weights = {"fc.weight": torch.randn(3, 4), "fc.bias": torch.randn(3)}
+    key = write_key(tmp_path / "model.key", 16)
+    (tmp_path / "net" / "1").mkdir(parents=True)
+    (tmp_path / "net" / "servable_config.py").write_text(SAFETENSORS_CONFIG)
+    (tmp_path / "net" / "1" / "net.safetensors").write_bytes(crypto.encrypt(save(weights), ModelKey(key, "AES-CBC")))
+    (tmp_path / "encrypted_server.py").write_text(SERVER)
+    port = free_port()
+    proc = servers.start([str(tmp_path / "encrypted_server.py"), str(tmp_path), "net", f"127.0.0.1:{port}",
+                          str(tmp_path / "model.key"), "AES-CBC"], "server")
+    rest = Rest(port)
+    rest.wait_ready(proc, 120)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4) / 7
+    r = rest.post("/model/net:forward", {"instances": [{"x": row.tolist()} for row in x]})
+    assert r.status_code == 200, r.text
+    expected = x @ weights["fc.weight"].numpy().T + weights["fc.bias"].numpy()
+    got = np.array([inst["y"] for inst in r.json()["instances"]], np.float32)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    rest.close()
+    assert_key_nowhere(key, proc.log(), *logs_under(tmp_path))
