@@ -18,6 +18,13 @@ scenario in order (stage-0 ranks get the instances, the others ``None``) and des
 ``>= world`` sit that layout out. Per layout the output rank writes OUT_DIR/<layout>/result.npz
 (``<scenario>/<i>/tokens``, ``.../logits``, ``.../reason``, ``<scenario>/error``, ``<scenario>/b<id>/...``)
 and every rank writes OUT_DIR/<layout>/rank<r>.json (what it holds, what each call returned, timings).
+
+Multi-host runs (ranks in different network namespaces) add two optional layout keys: ``"master_addr"`` (the
+rendezvous host, rank 0's address; default 127.0.0.1) and ``"rank_hosts"`` (rank r's own address). With
+``rank_hosts``, each rank binds gloo to the interface holding its address exactly as an Agent does
+(`servable_framework.agent.agent.bind_collectives`) and records under ``"collectives"`` in rank<r>.json its
+address, the interface, ``GLOO_SOCKET_IFNAME`` and its own established TCP connections (taken before the group
+is destroyed), so a test can see that the collectives crossed hosts.
 """
 
 from __future__ import annotations
@@ -55,7 +62,14 @@ def run_layout(rank: int, layout: dict[str, Any], plan: dict[str, Any], out_dir:
 
     t0 = time.perf_counter()
     world, stage_size = layout["world"], layout["stage_size"]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{layout['port']}", rank=rank, world_size=world,
+    collectives: dict[str, Any] | None = None
+    if "rank_hosts" in layout:  # another host per rank: listen where the peers look for this rank, as Agents do
+        from servable_framework.agent.agent import bind_collectives
+
+        host = layout["rank_hosts"][rank]
+        collectives = {"host": host, "iface": bind_collectives(host)}
+    master = layout.get("master_addr", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"tcp://{master}:{layout['port']}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     tp = world // stage_size
     tp_group = None
@@ -133,6 +147,11 @@ def run_layout(rank: int, layout: dict[str, Any], plan: dict[str, Any], out_dir:
         held=sorted(held),
         seconds=round(time.perf_counter() - t0, 2),
     )
+    if collectives is not None:  # the group's sockets are still open here
+        from tests.support.netns import connections
+
+        report["collectives"] = {**collectives, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME"),
+                                 "connections": connections(os.getpid())}
     layout_dir = out_dir / layout["name"]
     layout_dir.mkdir(parents=True, exist_ok=True)
     if ctx.is_output_rank:

@@ -11,7 +11,9 @@ Answers must be what one host gives:
 * MatMul with small integer ``x`` and ``W`` (every column of ``W`` different): every product and sum is exact in
   float32, so any correct run, one host or two, returns exactly ``-(x @ W)``, and a column slice in the wrong
   place changes the answer;
-* the tiny Qwen2.5 text model: the greedy text of the unsharded Hugging Face model.
+* the tiny Qwen2.5 text model: the greedy text of the unsharded Hugging Face model, and (rank processes of
+  ``qwen_text_harness.py`` on two hosts, TP 2 and a stage per host) its per-step logits within the single-host
+  numeric tests' tolerance (``ATOL``, 1e-5).
 
 Skipped, with the reason, where network namespaces cannot be made (not root, no ``ip``, no permission).
 """
@@ -33,6 +35,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import MATMUL_CONFIG, Servers
+from tests.integration import test_qwen_text_numeric as qwen_numeric
 from tests.support import netns
 from tests.support.netns import NetnsProc, NetnsRest, Network
 from tests.support.procs import REPO, child_env, wait_until
@@ -434,3 +437,125 @@ def test_qwen_text_tp_and_pp_across_hosts(net: Network, servers: Servers, deploy
         assert r.status_code == 200 and r.json()["instances"][0]["text"] == expected[0], r.text
     finally:
         cluster.close()
+
+
+# -- tiny Qwen2.5 text logits: rank processes on two hosts ---------------------------------------------------------
+LOGIT_LAYOUTS = {"tp2": 1, "pp2": 2}  # name: stage_size; world 2, rank 0 on h1 and rank 1 on h2
+LOGIT_RANK_HOSTS = ["h1", "h2"]
+LOGIT_TIMEOUT_S = 240.0  # under pytest-timeout's 300 s, so a stuck rank fails with the ranks' logs
+ATOL, HARNESS, SAMPLED, greedy = qwen_numeric.ATOL, qwen_numeric.HARNESS, qwen_numeric.SAMPLED, qwen_numeric.greedy
+# the single-host numeric tests' fixtures, reused by name; they build on `ckpt` (below: this module's tiny_ckpt)
+prompts, hf_model = qwen_numeric.prompts, qwen_numeric.hf_model
+reference, teacher_forced = qwen_numeric.reference, qwen_numeric.teacher_forced
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_ckpt: Path) -> Path:
+    """The checkpoint of the fixtures imported from test_qwen_text_numeric (prompts, hf_model, reference)."""
+    return tiny_ckpt
+
+
+def run_ranks_on_hosts(net: Network, servers: Servers, plan: dict[str, Any], work: Path,
+                       rank_hosts: list[str]) -> dict[str, tuple[dict[str, np.ndarray], list[dict[str, Any]]]]:
+    """One ``qwen_text_harness.py`` process per rank, rank r on host ``rank_hosts[r]``; waits, with one deadline,
+    until all have exited or one has failed (its peers would only wait out the group timeout; leftovers are stopped
+    at test teardown with the other processes of ``servers``). Returns {layout: (output rank's arrays, per-rank
+    reports)}, as test_qwen_text_numeric's ``launch``."""
+    plan_file = work / "plan.json"
+    plan_file.write_text(json.dumps(plan))
+    env = child_env(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                    TRANSFORMERS_VERBOSITY="error")
+    env.pop("GLOO_SOCKET_IFNAME", None)  # each rank binds its own address's interface (bind_collectives)
+    procs = []
+    for rank, host in enumerate(rank_hosts):
+        proc = NetnsProc(net, host, [str(HARNESS), "--plan", str(plan_file), "--out", str(work)], REPO,
+                         f"qwen-rank{rank}-{host}", work, dict(env, RANK=str(rank)))
+        servers.procs.append(proc)
+        procs.append(proc)
+
+    def tails() -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.log()[-3000:]}" for p in procs)
+
+    def settled() -> bool:
+        codes = [proc.popen.poll() for proc in procs]
+        return None not in codes or any(code not in (None, 0) for code in codes)
+
+    try:
+        wait_until(settled, LOGIT_TIMEOUT_S, "the rank processes to finish", interval_s=0.2)
+    except TimeoutError:
+        pytest.fail(f"ranks did not finish within {LOGIT_TIMEOUT_S:.0f}s:\n{tails()}")
+    codes = [proc.popen.poll() for proc in procs]
+    assert codes == [0] * len(procs), f"exit codes {codes}:\n{tails()}"
+    runs = {}
+    for layout in plan["layouts"]:
+        d = work / layout["name"]
+        with np.load(d / "result.npz") as data:
+            results = {k: data[k] for k in data.files}
+        runs[layout["name"]] = (results, [json.loads((d / f"rank{r}.json").read_text())
+                                          for r in range(layout["world"])])
+    return runs
+
+
+def test_qwen_text_logits_tp_and_pp_across_hosts_match_unsharded_hf(
+        net: Network, servers: Servers, ckpt: Path, prompts: dict[str, Any], reference: Any, teacher_forced: Any,
+        tmp_path: Path) -> None:
+    """Tiny Qwen2.5 text, rank 0 on h1 and rank 1 on h2, rendezvous at h1's address: TP 2 (the attention and
+    MLP all-reduces and the vocabulary all-gather cross hosts) and PP 2 with a stage per host (the activations
+    cross hosts, and the output rank is on h2). The output rank's per-step logits, alone and batched (left
+    padding), and along a seeded sampled path (vs the HF model teacher-forced), are the unsharded Hugging Face
+    model's within ``ATOL``; each rank's gloo sockets are on its own host's address and connect to the other's."""
+    arrays = {name: ids[0].numpy().astype(np.int64) for name, ids in prompts.items()}
+    np.savez(tmp_path / "inputs.npz", **arrays)
+
+    def inst(prompt: str, sampling: list[float]) -> dict[str, Any]:
+        return {"prompt": prompt, "sampling": sampling}
+
+    greedy_cases = {"hello": [("hello", 6)], "batch": [("hello", 6), ("hi", 4), ("fox", 5)]}
+    addresses = [net.ip(h) for h in LOGIT_RANK_HOSTS]
+    store_ports = {name: net.port() for name in LOGIT_LAYOUTS}  # the rendezvous at h1, one per layout
+    plan = {
+        "inputs": str(tmp_path / "inputs.npz"),
+        "scenarios": [*({"name": name, "instances": [inst(p, greedy(n)) for p, n in cases]}
+                        for name, cases in greedy_cases.items()),
+                      {"name": "sample", "instances": [inst("hi", SAMPLED)]}],
+        "layouts": [{"name": name, "world": 2, "stage_size": stages, "ckpt": str(ckpt), "port": store_ports[name],
+                     "master_addr": addresses[0], "rank_hosts": addresses}
+                    for name, stages in LOGIT_LAYOUTS.items()],
+    }
+    t0 = time.perf_counter()
+    runs = run_ranks_on_hosts(net, servers, plan, tmp_path, LOGIT_RANK_HOSTS)
+    ranks_s = time.perf_counter() - t0
+    worst: dict[str, float] = {}
+    for layout, stages in LOGIT_LAYOUTS.items():
+        res, reports = runs[layout]
+        # the layout really is spread: one rank per host, TP 2 on one stage, or one stage per host
+        assert [(r["stage"], r["tp_rank"]) for r in reports] == ([(0, 0), (0, 1)] if stages == 1 else
+                                                                  [(0, 0), (1, 0)]), reports
+        for name, cases in greedy_cases.items():
+            for i, (prompt, n) in enumerate(cases):
+                ref_tokens, ref_logits = reference(prompt, n)
+                tokens, logits = res[f"{name}/{i}/tokens"].tolist(), res[f"{name}/{i}/logits"]
+                assert tokens == ref_tokens, f"{layout} {name}[{i}]: tokens {tokens} != reference {ref_tokens}"
+                assert logits.shape == ref_logits.shape, (layout, name, i, logits.shape, ref_logits.shape)
+                diff = float(np.abs(logits - ref_logits).max())
+                worst[layout] = max(worst.get(layout, 0.0), diff)
+                assert diff < ATOL, f"{layout} {name}[{i}]: max |logit diff| {diff:.3g} vs unsharded HF"
+        sampled = res["sample/0/tokens"].tolist()
+        assert len(sampled) == SAMPLED[0], sampled
+        diff = float(np.abs(res["sample/0/logits"] - teacher_forced("hi", sampled, len(sampled))).max())
+        worst[layout] = max(worst[layout], diff)
+        assert diff < ATOL, f"{layout} sampled path: max |logit diff| {diff:.3g} vs teacher-forced HF"
+
+        # the collectives crossed hosts: gloo bound to the interface of the rank's own address (eth0, as an
+        # Agent binds it), every connection of the rank is on that address, and a gloo pair (a connection to
+        # the other host off the rendezvous store's port) joins the two hosts
+        for rank, rep in enumerate(reports):
+            own, other = addresses[rank], addresses[1 - rank]
+            col = rep["collectives"]
+            assert (col["host"], col["iface"], col["GLOO_SOCKET_IFNAME"]) == (own, "eth0", "eth0"), col
+            conns = [(tuple(local), tuple(remote)) for local, remote in col["connections"]]
+            assert conns and {local[0] for local, _ in conns} == {own}, (layout, rank, conns)
+            pairs = [c for c in conns if c[1][0] == other and store_ports[layout] not in (c[0][1], c[1][1])]
+            assert pairs, (layout, rank, conns)
+    print(f"\nrank processes on two hosts: {ranks_s:.1f}s wall; max |logit diff| vs unsharded HF: "
+          + ", ".join(f"{k} {v:.3g}" for k, v in worst.items()))

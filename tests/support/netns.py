@@ -262,3 +262,45 @@ def listening(pid: int) -> list[tuple[str, int]]:
             raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
             out.append((str(ipaddress.ip_address(raw)), int(hex_port, 16)))
     return out
+
+
+def _proc_address(hex_addr: str) -> str:
+    """An address as /proc/net/tcp{,6} prints it (each 32-bit word in host, little-endian, order), IPv4-mapped
+    IPv6 addresses shown as IPv4."""
+    import ipaddress
+
+    raw = bytes.fromhex(hex_addr)
+    address = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def connections(pid: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """((local address, port), (remote address, port)) of every established TCP connection whose socket process
+    ``pid`` holds open (its /proc/PID/fd matched against its namespace's /proc/PID/net/tcp and tcp6), so other
+    processes of the same namespace do not count."""
+    own = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                own.add(target[len("socket:["):-1])
+    except OSError:
+        return []
+    out = []
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "01" or fields[9] not in own:  # 01: ESTABLISHED; 9: inode
+                continue
+            (local, local_port), (remote, remote_port) = (f.split(":") for f in fields[1:3])
+            out.append(((_proc_address(local), int(local_port, 16)), (_proc_address(remote), int(remote_port, 16))))
+    return out
