@@ -1,4 +1,5 @@
-"""Agent startup script for tests: ``python -m tests.support.agents ADDRESS FILE [FILE ...] [--rank-start N]``.
+"""Agent startup script for tests: ``python -m tests.support.agents ADDRESS FILE [FILE ...] [--rank-start N
+--agent-ip IP]`` (contract §6.3: the two go together).
 
 Also test shards, found by ``declare_servable(shard="tests.support.agents:<Class>")``.
 """
@@ -87,9 +88,11 @@ def main() -> None:
     p.add_argument("address")
     p.add_argument("files", nargs="+")
     p.add_argument("--rank-start", type=int)
+    p.add_argument("--agent-ip")
     p.add_argument("--max-restarts", type=int, default=3)
     a = p.parse_args()
-    distributed.startup_agents(a.address, model_files=a.files, rank_start=a.rank_start, max_restarts=a.max_restarts)
+    distributed.startup_agents(a.address, model_files=a.files, rank_start=a.rank_start, agent_ip=a.agent_ip,
+                               max_restarts=a.max_restarts)
 
 
 if __name__ == "__main__":
