@@ -37,6 +37,7 @@ import pytest
 from tests.conftest import MATMUL_CONFIG, Servers
 from tests.integration import test_qwen_text_numeric as qwen_numeric
 from tests.support import netns
+from tests.support.harness_runs import load_runs
 from tests.support.netns import NetnsProc, NetnsRest, Network
 from tests.support.procs import REPO, child_env, wait_until
 
@@ -486,14 +487,7 @@ def run_ranks_on_hosts(net: Network, servers: Servers, plan: dict[str, Any], wor
         pytest.fail(f"ranks did not finish within {LOGIT_TIMEOUT_S:.0f}s:\n{tails()}")
     codes = [proc.popen.poll() for proc in procs]
     assert codes == [0] * len(procs), f"exit codes {codes}:\n{tails()}"
-    runs = {}
-    for layout in plan["layouts"]:
-        d = work / layout["name"]
-        with np.load(d / "result.npz") as data:
-            results = {k: data[k] for k in data.files}
-        runs[layout["name"]] = (results, [json.loads((d / f"rank{r}.json").read_text())
-                                          for r in range(layout["world"])])
-    return runs
+    return load_runs(work, plan)
 
 
 def test_qwen_text_logits_tp_and_pp_across_hosts_match_unsharded_hf(

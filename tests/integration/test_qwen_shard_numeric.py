@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.support.harness_runs import load_runs
 from tests.support.procs import REPO, child_env, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -218,14 +219,7 @@ def launch(plan: dict, work: Path, n_procs: int) -> dict[str, tuple[dict, list[d
                     proc.wait(timeout=10)
     codes = [p.returncode for p in procs]
     assert codes == [0] * n_procs, f"exit codes {codes}:\n{_tails(work, n_procs)}"
-    runs = {}
-    for layout in plan["layouts"]:
-        d = work / layout["name"]
-        with np.load(d / "result.npz") as data:
-            results = {k: data[k] for k in data.files}
-        runs[layout["name"]] = (results, [json.loads((d / f"rank{r}.json").read_text())
-                                          for r in range(layout["world"])])
-    return runs
+    return load_runs(work, plan)
 
 
 def _tails(work: Path, world: int) -> str:
