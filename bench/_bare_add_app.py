@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
-from servable_framework.main.http import UVICORN_OPTIONS  # noqa: E402
+from servable_framework.main.http import UVICORN_OPTIONS
 
 torch.set_num_threads(1)
 model = torch.export.load(sys.argv[1]).module()

@@ -19,13 +19,17 @@ Rows of the table:
   ``torch.distributed.rpc`` ``rpc_sync`` of the same two tensors (``bench/_torch_rpc.py``: two processes,
   TensorPipe backend on localhost);
 * large tensor: one 64 MiB float32 tensor through the Client -> Main -> Worker -> back (``echo``), next to the
-  same through torch RPC and next to a plain memcpy (``np.copyto``) of 64 MiB.
+  same through torch RPC and next to a plain memcpy (``np.copyto``) of 64 MiB;
+* distributed MatMul (``matmul``, ``y = -(x @ W)``, 128x96 @ 96x16 over 2 Agents, the tests' servable and
+  shards; body: 128x96 ones, about 53 KB of JSON) via wrk at c=8 (and c=1), next to
+  ``bench/_bare_matmul_app.py`` (the joined W in one Starlette process with the same uvicorn settings).
 
 Set-up: ``wrk`` comes from Debian's packages (``apt-get install -y wrk``); the benchmark stops with that hint
 when it is missing. The servers, ``wrk`` and this process share the CPUs: check the load (printed) and run it
 twice before trusting a ratio.
 
     .venv/bin/python bench/bench_add.py [--seconds 5] [--concurrency 1 8 32] [--zmq-calls 2000] [--big-calls 5]
+                                        [--skip wrk python zmq big matmul]
 
 Writes bench/results/bench_add.json.
 """
@@ -48,8 +52,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 import httpx
 import numpy as np
 
-from bench._common import PYTHON, REPO, Proc, check_alive, free_port, median, stop_all, table, wait_http_ready, \
-    write_results
+from bench._common import (
+    PYTHON,
+    REPO,
+    Proc,
+    check_alive,
+    free_port,
+    median,
+    stop_all,
+    table,
+    wait_http_ready,
+    write_results,
+)
 from servable_framework.client import Client
 from servable_framework.main.http import UVICORN_OPTIONS
 
@@ -192,6 +206,52 @@ def torch_rpc(small_calls: int, big_calls: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------------------------------- matmul
+
+MATMUL_RANKS = 2
+
+
+def matmul_part(tmp: Path, lua_dir: Path, seconds: float, procs: list[Proc]) -> dict[str, dict]:
+    """Main + Distributed Worker + 2 Agents serving the tests' `matmul`, and the bare app, under wrk."""
+    from tests.conftest import EXAMPLES, MATMUL_CONFIG, _load, write_rank_table
+
+    root = tmp / "matmul_servables"
+    (root / "matmul").mkdir(parents=True)
+    (root / "matmul" / "servable_config.py").write_text(MATMUL_CONFIG.format(ranks=MATMUL_RANKS, stages=1,
+                                                                             batch=False, pipeline=False))
+    export = _load(EXAMPLES / "matmul_distributed" / "export_model" / "distributed_inference.py", "mm").export
+    shards = export(str(root / "model"), MATMUL_RANKS, 1)
+    table_path = write_rank_table(root / "rank_table.json", MATMUL_RANKS)
+    rest_port, dist_port, bare_port = free_port(), free_port(), free_port()
+    dist = f"127.0.0.1:{dist_port}"
+    procs.append(Proc(["-m", "tests.support.serve", "distributed", "--dir", str(root), "--name", "matmul",
+                       "--rank-table", str(table_path), "--dist-address", dist, "--rest", f"127.0.0.1:{rest_port}"],
+                      "matmul_framework", tmp))
+    procs.append(Proc(["-m", "tests.support.agents", dist, *shards], "matmul_agents", tmp))
+    procs.append(Proc([str(REPO / "bench" / "_bare_matmul_app.py"), str(bare_port), *shards], "matmul_bare", tmp))
+    urls = {"bare": f"http://127.0.0.1:{bare_port}", "framework": f"http://127.0.0.1:{rest_port}"}
+    wait_http_ready(urls["framework"] + "/ready", procs, 180)
+    wait_http_ready(urls["bare"] + "/ready", procs, 60)
+    x = np.ones((128, 96), dtype=np.float32)
+    body = json.dumps({"instances": [{"x": x.tolist()}]})
+    for url in urls.values():  # both answer right before the load
+        r = httpx.post(url + "/model/matmul:predict", content=body, timeout=30)
+        assert r.status_code == 200 and np.array_equal(np.asarray(r.json()["instances"][0]["y"], np.float32),
+                                                       -(x @ np.full((96, 16), 0.5, np.float32))), r.text[:300]
+    script = lua_dir / "matmul.lua"
+    script.write_text(f'wrk.method = "POST"\nwrk.body = \'{body}\'\nwrk.headers["Content-Type"] = '
+                      f'"application/json"\n')
+    out: dict[str, dict] = {}
+    for c in (1, 8):
+        for name, url in urls.items():
+            run_wrk(url + "/model/matmul:predict", c, 1, script)  # warm-up
+            out[f"wrk matmul {name} c={c}"] = r = run_wrk(url + "/model/matmul:predict", c, seconds, script)
+            print(f"  wrk matmul {name:9s} c={c:<3d} {r['rps']:9.1f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                  f"({r['requests']} req, {r['errors']} errors)", flush=True)
+    check_alive(procs)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -201,7 +261,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--zmq-calls", type=int, default=2000, help="measured 2x2 round trips (ZMQ, torch RPC, httpx)")
     ap.add_argument("--big-calls", type=int, default=5, help=f"measured {BIG_MIB} MiB round trips")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["wrk", "python", "zmq", "big"],
+    ap.add_argument("--skip", nargs="*", default=[], choices=["wrk", "python", "zmq", "big", "matmul"],
                     help="leave parts out (a partial table, for quick checks)")
     a = ap.parse_args()
     if "wrk" not in a.skip and shutil.which("wrk") is None:
@@ -246,6 +306,10 @@ def main() -> None:
             res["zmq big"] = {"p50_ms": zmq_big_p50(f"127.0.0.1:{zmq_port}", a.big_calls)}
             print(f"  ZMQ Client {BIG_MIB} MiB p50 {res['zmq big']['p50_ms']:.2f} ms", flush=True)
         check_alive(procs)
+        stop_all(procs)
+        procs = []
+        if "matmul" not in a.skip:
+            res.update(matmul_part(tmp, script.parent, a.seconds, procs))
     finally:
         stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -265,6 +329,11 @@ def main() -> None:
         checks.append({"what": what, "framework": ours, "baseline": base_name, "baseline_value": base, "unit": unit,
                        "ratio": ours / base, "goal": goal, "pass": ok})
 
+    if "wrk matmul framework c=8" in res:
+        f, b = res["wrk matmul framework c=8"]["rps"], res["wrk matmul bare c=8"]["rps"]
+        row("MatMul 2 Agents c=8 (wrk)", f, "bare app", b, "req/s", ">= 0.9", f / b >= 0.9)
+        f, b = res["wrk matmul framework c=1"]["p50_ms"], res["wrk matmul bare c=1"]["p50_ms"]
+        row("MatMul 2 Agents c=1 p50 (wrk)", f, "bare app", b, "ms", "-", True)
     for c in a.concurrency:
         fw_r, bare_r = res.get(f"wrk framework c={c}"), res.get(f"wrk bare c={c}")
         if fw_r is None or bare_r is None:

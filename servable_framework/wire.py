@@ -56,6 +56,10 @@ class Kind(bytes, enum.Enum):
     STREAM = b"s"  # output rank -> worker -> main -> ZMQ client: new outputs of streaming instances, ahead of RESULT
 
 
+_KINDS = {k.value: k for k in Kind}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # dtype -> wire name (``dtype.name`` is slow)
+
+
 def encode_value(value: Value, buffers: list[Frame]) -> dict[str, Any]:
     """Describe ``value`` in a header, appending its raw buffer (if any) to ``buffers``."""
     if isinstance(value, str):
@@ -66,11 +70,15 @@ def encode_value(value: Value, buffers: list[Frame]) -> dict[str, Any]:
     if isinstance(value, np.generic):
         value = np.asarray(value)
     if isinstance(value, np.ndarray):
-        if value.dtype.name not in DTYPES:
-            raise InvalidInput(f"Unknown data type {value.dtype}")
+        name = _NAMES.get(value.dtype)
+        if name is None:
+            if value.dtype.name not in DTYPES:
+                raise InvalidInput(f"Unknown data type {value.dtype}")
+            name = value.dtype.name  # a non-native byte order: copied below into a native one
+            value = value.astype(DTYPES[name])
         arr = value if value.flags.c_contiguous else value.copy(order="C")  # keeps 0-d arrays 0-d
         buffers.append(arr.reshape(-1).view(np.uint8).data if arr.size else b"")  # .data: memoryview of the array
-        return {"t": "nd", "dtype": arr.dtype.name, "shape": list(arr.shape), "buf": len(buffers) - 1}
+        return {"t": "nd", "dtype": name, "shape": list(arr.shape), "buf": len(buffers) - 1}
     raise InvalidInput(f"Not support value type {type(value)}")
 
 
@@ -133,10 +141,9 @@ def unpack(frames: Sequence[Frame]) -> tuple[Kind, dict[str, Any], Sequence[Fram
     """Split frames into (kind, header, buffers). Raises `InvalidInput` on anything malformed."""
     if len(frames) < 2:
         raise InvalidInput("malformed message: expected at least 2 frames")
-    try:
-        kind = Kind(bytes(frames[0]))
-    except ValueError:
-        raise InvalidInput(f"malformed message: unknown kind {bytes(frames[0])[:8]!r}") from None
+    kind = _KINDS.get(bytes(frames[0]))  # a dict lookup: Kind(...) costs an enum call per message
+    if kind is None:
+        raise InvalidInput(f"malformed message: unknown kind {bytes(frames[0])[:8]!r}")
     try:
         header = msgpack.unpackb(frames[1], raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types

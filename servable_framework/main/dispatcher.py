@@ -117,8 +117,10 @@ class Dispatcher:
         endpoint: whole batches of the Workers' batch size (the last chunk may end with a partial one), spread
         as evenly as batches allow, never more chunks than batches. One chunk on ``first`` when there is
         nothing to spread."""
+        if count < 2:
+            return [(first, 0, count)]
         peers = self._siblings(first, method)
-        if count < 2 or len(peers) < 2:
+        if len(peers) < 2:
             return [(first, 0, count)]
         peers.remove(first)
         peers.insert(0, first)  # the picked Worker takes the first chunk: the order is the load order anyway
@@ -321,11 +323,14 @@ class Dispatcher:
         request_id = next(self._ids)
         buffers: list[Any] = []
         header = {"id": request_id, "method": method, "instances": encode_instances(instances, buffers)}
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         handle.inflight[request_id] = fut
+        # the deadline as a timer on the reply's own future (asyncio.wait_for adds a future and callbacks)
+        timer = loop.call_later(wait_s, _expire, fut)
         try:
             await self.workers.send(handle, Kind.PREDICT, header, buffers)
-            reply, out_buffers, _frames = await asyncio.wait_for(fut, wait_s)
+            reply, out_buffers, _frames = await fut
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
             # timed out, or the caller went away (a REST client hung up): the Worker stops what it can of the
             # abandoned request: queued instances never run, generating rows stop at the next step (best
@@ -339,6 +344,7 @@ class Dispatcher:
                 raise
             raise RequestTimeout(f"Request timed out after {timeout_s:g} s") from None
         finally:
+            timer.cancel()
             handle.inflight.pop(request_id, None)
         if "error" in reply:
             raise ServingError.from_wire(reply["error"])
@@ -359,6 +365,11 @@ class Dispatcher:
                                      "reason": h.reason})
             entry["ready"] = entry["ready"] or h.state is WorkerState.READY
         return out
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
 
 
 def _load(handle: WorkerHandle) -> int:

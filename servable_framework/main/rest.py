@@ -20,11 +20,17 @@ as the non-streaming form would be (status code and body). Events (``data:`` is 
     data: {"error_msg": "..."}                                      the whole request failed: the stream ends
 
 The response ends after the last event of every instance. A client that hangs up cancels the request.
+
+Hot path: a plain ``POST /model/...`` (no event stream asked for, a path of plain printable ASCII) is answered by
+`PredictPath`, a raw ASGI handler in front of Starlette, with the same steps, checks, texts and statuses as the
+``predict`` route, without routing, middleware and a ``Request`` per call; every other request (and one whose API
+key is missing or wrong: the middleware answers it) goes through Starlette.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -32,6 +38,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from servable_framework.errors import (
     MethodNotAllowed,
@@ -43,11 +50,15 @@ from servable_framework.main.dispatcher import Dispatcher, Result, StreamPiece
 from servable_framework.main.http import (
     EVENT_STREAM,
     SSE_HEADERS,
+    TIMEOUT_HEADER,
     EventStream,
+    parse_timeout,
+    read_body,
     read_limited,
     request_timeout,
     sse,
     unless_client_leaves,
+    until_disconnect,
 )
 from servable_framework.main.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from servable_framework.main.rest_codec import encode_error, encode_outputs, encode_results, parse_body, parse_url
@@ -69,8 +80,9 @@ def _results_response(results: list[Result]) -> Response:
     return JSONResponse(body_out)
 
 
-def build_app(dispatcher: Dispatcher, max_msg_bytes: int, api_keys: auth.ApiKeys | None = None) -> Starlette:
-    """Main's REST app. ``api_keys``: as loaded by `auth.load_keys` (default: from the dispatcher's settings)."""
+def build_app(dispatcher: Dispatcher, max_msg_bytes: int, api_keys: auth.ApiKeys | None = None) -> ASGIApp:
+    """Main's REST app (`PredictPath` in front of Starlette). ``api_keys``: as loaded by `auth.load_keys`
+    (default: from the dispatcher's settings)."""
     keys = auth.load_keys(dispatcher.settings) if api_keys is None else api_keys
 
     async def predict(request: Request) -> Response:
@@ -129,8 +141,72 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int, api_keys: auth.ApiKeys
         text = "please check url, the keyword:[model] must contain." if status == 404 else str(exc)
         return JSONResponse({"error_msg": text}, status_code=status)
 
-    return Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error},
-                     middleware=[Middleware(auth.ApiKeyMiddleware, keys=keys)] if keys else None)
+    app = Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error},
+                    middleware=[Middleware(auth.ApiKeyMiddleware, keys=keys)] if keys else None)
+    return PredictPath(app, dispatcher, max_msg_bytes, keys)
+
+
+# a path whose ``request.url.path`` in Starlette is the ASGI path itself: printable ASCII without space and
+# ``?#\\`` (Starlette escapes those; a URL parser drops tabs and newlines)
+_PLAIN = re.compile(r"/model/[^\x00-\x20?#\\\x7f-\U0010ffff]*")
+_WANTED = {b"content-length": 0, b"accept": 1, TIMEOUT_HEADER.encode(): 2}
+
+
+class PredictPath:
+    """The MindSpore predict route without Starlette's routing and middleware (see the module docstring).
+
+    Same contract as ``predict`` in `build_app`: the URL, the body size limit (declared and actual), the body,
+    the deadline header, then `Dispatcher.predict` cancelled when the client hangs up; errors through
+    `_error_response`, bugs logged and answered 500; the answer from `_results_response`. API keys: a request
+    that carries a valid one is served here, any other goes on to the app whose middleware answers 401.
+    """
+
+    def __init__(self, app: ASGIApp, dispatcher: Dispatcher, max_msg_bytes: int, keys: auth.ApiKeys) -> None:
+        self.app = app
+        self.dispatcher = dispatcher
+        self.max_msg_bytes = max_msg_bytes
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or scope["method"] != "POST" or not path.startswith("/model/")
+                or scope.get("root_path") or not _PLAIN.fullmatch(path)):
+            await self.app(scope, receive, send)
+            return
+        found: list[bytes | None] = [None, None, None]  # the first of each header, as request.headers.get
+        for name, value in scope["headers"]:
+            index = _WANTED.get(name.lower())
+            if index is not None and found[index] is None:
+                found[index] = value
+        declared, accept, timeout_raw = found
+        if accept is not None and EVENT_STREAM.encode() in accept.lower():  # SSE: Starlette's route
+            await self.app(scope, receive, send)
+            return
+        if self.keys:
+            key = auth._bearer(scope)
+            if key is None or not self.keys.allows(key):
+                await self.app(scope, receive, send)  # the middleware answers 401
+                return
+        response = await self._predict(path, receive, declared, timeout_raw)
+        await response(scope, receive, send)
+
+    async def _predict(self, path: str, receive: Receive, declared: bytes | None,
+                       timeout_raw: bytes | None) -> Response:
+        try:
+            target = parse_url(path)
+            body = await read_body(receive, None if declared is None else declared.decode("latin-1"),
+                                   self.max_msg_bytes)
+            instances = parse_body(body)
+            timeout = parse_timeout(None if timeout_raw is None else timeout_raw.decode("latin-1"))
+            results = await until_disconnect(
+                receive, self.dispatcher.predict(target.servable, target.method, target.version, instances,
+                                                 timeout, protocol="rest"), path)
+        except ServingError as exc:
+            return _error_response(exc)
+        except Exception as exc:  # a bug: log it, answer 500 in the contract's shape, keep serving
+            log.exception("unexpected error on %s", path)
+            return _error_response(ServingError(f"Serving Error: internal error: {type(exc).__name__}"))
+        return _results_response(results)
 
 
 async def _stream_response(request: Request, stream: AsyncIterator[StreamPiece], count: int) -> Response:

@@ -46,6 +46,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import numpy as np
+import orjson
 
 from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.wire import Instance, Value
@@ -211,7 +212,37 @@ def parse_body(body: bytes) -> list[Instance]:
     return instances
 
 
+# `_load_json`'s fast parser: orjson (about 9x faster than `json` on a 60 KB tensor body), used only where its
+# answer is provably the one `json` would give; anything else, and every error, goes to `json` for its texts.
+_DIGIT_RUNS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E for i in range(256))
+_LONG_NUMBER = b"0" * 19  # 19 digits in a row: maybe an int beyond int64, which orjson turns into a float
+_FAST_BRACKETS = 512  # a bound on the nesting depth, far below where `json` gives up
+
+
+def _load_fast(body: bytes) -> Any:
+    """orjson's parse of ``body`` when it is certainly `json`'s, else None. Not for: a ``\\u`` escape
+    (it may spell a second "instances" key or a lone surrogate), "instances" twice, 19 digits in a row, more
+    than `_FAST_BRACKETS` brackets (orjson nests deeper than `json` under Python's recursion limit, whose
+    "nesting too deep" text must stay); bodies orjson refuses (BOM, NaN, 1e400, bad UTF-8, ...) are `json`'s to
+    refuse or accept."""
+    if (b"\\u" in body or body.count(b'"instances"') > 1 or body.count(b"[") + body.count(b"{") > _FAST_BRACKETS
+            or _LONG_NUMBER in body.translate(_DIGIT_RUNS)):
+        return None
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(document, dict):  # duplicate keys: the last one wins, as in `json`; "instances" is not one
+        wrapped = _JsonObject(document)
+        wrapped.instances_count = int("instances" in document)
+        return wrapped
+    return document
+
+
 def _load_json(body: bytes) -> Any:
+    fast = _load_fast(body)
+    if fast is not None:
+        return fast
     try:
         text = bytes(body).decode("utf-8-sig")
         return json.loads(text, object_pairs_hook=_object_from_pairs, parse_constant=_reject_constant)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import glob
 import itertools
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +35,24 @@ from servable_framework.wire import Kind, unpack
 log = logging.getLogger("servable_framework.main")
 
 StreamItem = tuple[Kind, dict[str, Any], Any, Any] | ServingError
+
+
+IPC_PREFIX = "servable-main-"  # + Main's pid + "-" + random: the private folder of its Workers' unix socket
+
+
+def _remove_stale_ipc_dirs() -> None:
+    """Remove the unix-socket folders of Mains that are gone without stopping (SIGKILL): a folder names its
+    Main's pid; one whose process no longer exists is stale. Best effort."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{IPC_PREFIX}*-*")):
+        pid_text = os.path.basename(path)[len(IPC_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive, but not ours to signal
+            pass
 
 
 class WorkerLost(Unavailable):
@@ -95,15 +116,22 @@ class WorkerSet:
     def __init__(self, ctx: zmq.asyncio.Context, settings: Settings) -> None:
         self.settings = settings
         self.sock = transport.async_socket(ctx, zmq.ROUTER)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.address = f"tcp://127.0.0.1:{port}"
+        # Workers are always this machine's children: a unix socket in a private folder (ipc://) is cheaper per
+        # message than loopback TCP and reachable by nobody else
+        _remove_stale_ipc_dirs()
+        self._ipc_dir = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
+        self.address = f"ipc://{self._ipc_dir}/workers"
+        self.sock.bind(self.address)
+        # the data plane: messages are sent and received straight from the loop (no zmq.asyncio futures)
+        self.io = transport.LoopSocket(self.sock, self._on_frames)
         self.workers: dict[str, WorkerHandle] = {}
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         log.info("Master server start success, listening on %s", self.address)
 
     def run(self) -> None:
-        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._monitor_loop())]
+        self.io.start()
+        self._tasks = [asyncio.create_task(self._monitor_loop())]
 
     # -- start ----------------------------------------------------------------------------------------------
     def spawn(self, payload: dict[str, Any], log_name: str) -> WorkerHandle:
@@ -141,27 +169,26 @@ class WorkerSet:
     async def send(self, handle: WorkerHandle, kind: Kind, header: dict[str, Any], buffers: Any = ()) -> None:
         """Raises `Unavailable` when the Worker's connection is gone (it died or is restarting)."""
         try:
-            await transport.send(self.sock, kind, header, buffers, to=handle.worker_id.encode())
+            self.io.send(kind, header, buffers, to=handle.worker_id.encode())
         except zmq.ZMQError as exc:
             raise WorkerLost(f"Request servable({handle.servable}) version({handle.version}) , servable is not "
                              f"available: {handle.label} is unreachable ({exc})") from None
 
-    async def _recv_loop(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            ident = bytes(frames[0].buffer).decode(errors="replace")
-            handle = self.workers.get(ident)
-            try:
-                kind, header, buffers = unpack([f.buffer for f in frames[1:]])
-            except ServingError as exc:
-                log.warning("malformed message from %s: %s", ident, exc)
-                continue
-            if handle is None:
-                continue
-            try:
-                self._on_message(handle, kind, header, buffers, frames)
-            except Exception:  # the control loop must never die
-                log.exception("handling %s from %s failed", kind.name, handle.label)
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        """One message from a Worker (called by `LoopSocket` on the loop)."""
+        ident = bytes(frames[0].buffer).decode(errors="replace")
+        handle = self.workers.get(ident)
+        try:
+            kind, header, buffers = unpack([f.buffer for f in frames[1:]])
+        except ServingError as exc:
+            log.warning("malformed message from %s: %s", ident, exc)
+            return
+        if handle is None:
+            return
+        try:
+            self._on_message(handle, kind, header, buffers, frames)
+        except Exception:  # the control loop must never die
+            log.exception("handling %s from %s failed", kind.name, handle.label)
 
     def _on_message(self, handle: WorkerHandle, kind: Kind, header: dict[str, Any], buffers: Any,
                     frames: Any) -> None:
@@ -322,4 +349,6 @@ class WorkerSet:
             self._make_unavailable(handle, WorkerState.DEAD, "server is stopping")
         for task in self._tasks:
             task.cancel()
+        self.io.stop()
         self.sock.close(0)
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)

@@ -53,6 +53,11 @@ class ZmqFrontend:
         # that gets a proper "resource exhausted" reply from the size check in `_handle`.
         self.sock = transport.async_socket(ctx, zmq.ROUTER, max_msg_bytes=HARD_MAX_BYTES)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a client that left just loses its reply
+        # the data plane: sent and received straight from the loop (`transport.LoopSocket`); the asyncio socket
+        # keeps the options, the CURVE handshake monitor and the closing
+        self.io = transport.LoopSocket(self.sock, self._on_frames)
+        self._pending: set[asyncio.Task[None]] = set()
+        self._streams: dict[tuple[bytes, Any], asyncio.Task[Any]] = {}  # (client, request id) -> its task
         self.zap: curve.ZapHandler | None = None
         self._watch: asyncio.Task[None] | None = None
         if keys is not None:
@@ -64,19 +69,14 @@ class ZmqFrontend:
         except zmq.ZMQError:
             self.close()  # the ZAP handler's endpoint too: a retry in this process must be able to bind it
             raise
-        self._task: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
-        self._streams: dict[tuple[bytes, Any], asyncio.Task[Any]] = {}  # (client, request id) -> its task
 
     def run(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        self.io.start()
 
-    async def _loop(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            task = asyncio.create_task(self._handle(frames))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(frames))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _handle(self, frames: list[zmq.Frame]) -> None:
         client = bytes(frames[0].buffer)
@@ -146,13 +146,12 @@ class ZmqFrontend:
     async def _reply(self, client: bytes, header: dict[str, Any], buffers: list[Any],
                      kind: Kind = Kind.RESULT) -> None:
         try:
-            await transport.send(self.sock, kind, header, buffers, to=client)
+            self.io.send(kind, header, buffers, to=client)
         except zmq.ZMQError as exc:
             log.warning("could not answer a ZMQ client: %s", exc)
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self.io.stop()
         for task in self._pending:
             task.cancel()
         if self._watch is not None:

@@ -4,6 +4,13 @@ Instances from concurrent requests are queued; a runner thread takes the first, 
 ``max_batch_delay_ms`` for more, up to the model's batch size, and runs them in one call. It never pads
 with fake instances (a static-shape program pads itself in `LocalModel`). ``concurrency`` runner threads
 allow several batches in flight (pipeline inference: one per stage).
+
+Inline runs: a model whose batch size is 1 has nothing to gather, so when it is idle (nothing queued, no batch
+running) an instance is run at once on the submitting thread instead of being handed to a runner thread and
+back (two thread switches per request, most of a tiny model's cost). Streaming backends always queue.
+`ModelBatcher.loop_safe` says when such a model is also cheap enough for the Worker to run a request on its
+event loop thread (no thread switch at all): after `INLINE_WARMUP` calls in a row under `INLINE_MAX_S`; one
+slower call withdraws that until the next run of fast calls, one over `INLINE_NEVER_S` for good.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from functools import partial
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from servable_framework.errors import ServingError
 from servable_framework.wire import Value
@@ -24,6 +31,10 @@ from servable_framework.worker.cancel import CancelToken
 log = logging.getLogger(__name__)
 
 Outputs = list[Value]
+
+INLINE_MAX_S = 0.002  # a call this long withdraws the model from the event loop (until INLINE_WARMUP fast ones)
+INLINE_WARMUP = 8
+INLINE_NEVER_S = 0.05  # a call this long keeps it off the event loop for good
 
 
 class PieceSink(Protocol):
@@ -66,6 +77,12 @@ class ModelBatcher:
         self.delay_s = max_batch_delay_ms / 1000.0
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._lock = threading.Lock()  # one thread gathers at a time, so batches are formed in FIFO order
+        # the model runs one batch at a time per runner thread; an inline run takes a runner's place
+        self._slots = threading.Semaphore(concurrency)
+        self._streaming = isinstance(backend, StreamingBackend)  # a runtime Protocol check is slow: once
+        self._inline = backend.batch_size == 1 and not self._streaming
+        self._fast_runs = 0  # calls in a row shorter than INLINE_MAX_S
+        self._never_on_loop = False
         self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
                          for i in range(concurrency)]
         self.batches_run = 0
@@ -88,11 +105,25 @@ class ModelBatcher:
             except ServingError as exc:
                 fut.set_exception(exc)
             else:
-                self._queue.put((checked, fut, cancel, sinks[i] if sinks is not None else None))
+                item = (checked, fut, cancel, sinks[i] if sinks is not None else None)
+                if self._inline and self._queue.empty() and self._slots.acquire(blocking=False):
+                    try:
+                        self._run([item])
+                    finally:
+                        self._slots.release()
+                    futures.append(fut)
+                    continue
+                self._queue.put(item)
                 if cancel is not None:
                     cancel.on_cancel(fut.cancel)  # a no-op once the batch runs it
             futures.append(fut)
         return futures
+
+    def loop_safe(self) -> bool:
+        """True when a call of this model may run on the Worker's event loop now: inline-capable (see the
+        module docstring), idle, and its recent calls were all short."""
+        return (self._inline and not self._never_on_loop and self._fast_runs >= INLINE_WARMUP
+                and self._queue.empty())
 
     def close(self) -> None:
         for _ in self._threads:
@@ -119,35 +150,51 @@ class ModelBatcher:
 
     def _loop(self) -> None:
         while (batch := self._gather()) is not None:
-            live = [item for item in batch if item[1].set_running_or_notify_cancel()]
-            self.instances_dropped += len(batch) - len(live)
-            if not live:
-                continue
-            self.batches_run += 1  # counted before any answer leaves, so a client never sees a stale count
-            self.instances_run += len(live)
-            values = [item[0] for item in live]
-            sinks = [item[3] for item in live]
-            results: Sequence[Outputs | ServingError]
-            try:
-                if isinstance(self.backend, StreamingBackend):  # instances that finish early are answered early
-                    on_result = partial(_resolve_nth, [item[1] for item in live])
-                    cancels = [item[2] for item in live]
-                    if any(s is not None for s in sinks):
-                        results = self.backend.run_streaming(values, on_result, cancels, pieces=sinks)
-                    else:
-                        results = self.backend.run_streaming(values, on_result, cancels)
+            with self._slots:
+                self._run(batch)
+
+    def _run(self, batch: list[_Item]) -> None:
+        """Run one gathered batch (its cancelled instances dropped) and resolve its futures."""
+        live = [item for item in batch if item[1].set_running_or_notify_cancel()]
+        self.instances_dropped += len(batch) - len(live)
+        if not live:
+            return
+        self.batches_run += 1  # counted before any answer leaves, so a client never sees a stale count
+        self.instances_run += len(live)
+        values = [item[0] for item in live]
+        sinks = [item[3] for item in live]
+        results: Sequence[Outputs | ServingError]
+        try:
+            if self._streaming:  # instances that finish early are answered early
+                backend = cast(StreamingBackend, self.backend)
+                on_result = partial(_resolve_nth, [item[1] for item in live])
+                cancels = [item[2] for item in live]
+                if any(s is not None for s in sinks):
+                    results = backend.run_streaming(values, on_result, cancels, pieces=sinks)
                 else:
-                    results = self.backend.run(values)
-            except ServingError as exc:
-                results = [exc] * len(live)
-            except Exception as exc:  # a model failure fails its batch, never the thread
-                log.exception("model %s failed on a batch of %d", self.name, len(live))
-                results = [ServingError(f"{type(exc).__name__}: {exc}")] * len(live)
-            for item, res in zip(live, results):
-                _resolve(item[1], res)
-            for sink in sinks:
-                if sink is not None:
-                    sink.end()
+                    results = backend.run_streaming(values, on_result, cancels)
+            else:
+                t0 = time.perf_counter()
+                results = self.backend.run(values)
+                self._timed(time.perf_counter() - t0)
+        except ServingError as exc:
+            results = [exc] * len(live)
+        except Exception as exc:  # a model failure fails its batch, never the thread
+            log.exception("model %s failed on a batch of %d", self.name, len(live))
+            results = [ServingError(f"{type(exc).__name__}: {exc}")] * len(live)
+        for item, res in zip(live, results):
+            _resolve(item[1], res)
+        for sink in sinks:
+            if sink is not None:
+                sink.end()
+
+
+    def _timed(self, seconds: float) -> None:
+        if seconds < INLINE_MAX_S:
+            self._fast_runs += 1
+        else:
+            self._fast_runs = 0
+            self._never_on_loop = self._never_on_loop or seconds >= INLINE_NEVER_S
 
 
 def _resolve_nth(futures: list[Future[Outputs]], index: int, result: Outputs | ServingError) -> None:

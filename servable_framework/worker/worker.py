@@ -4,7 +4,11 @@ its Agents when the servable is distributed), registers with Main, then serves P
 Ordering: the socket to Main is connected *before* anything can fail, so a start failure reaches Main as a
 FAILED message with the original error text (Main raises ``Fail to start workers: ...``).
 Requests run in a thread pool (Python stages in parallel, model stages batched by `ModelBatcher`); the
-asyncio loop only moves messages and answers heartbeats, so a long model call never delays a PONG.
+asyncio loop only moves messages and answers heartbeats, so a long model call never delays a PONG. A request's
+thread also encodes its RESULT; the loop only sends the frames (one hand-off each way per request).
+Exception: a small request of a method made of model stages only, whose models are all idle and proved fast
+(`ModelBatcher.loop_safe`: a few ms at most per call), runs right on the loop, where the two hand-offs would
+cost more than the model itself.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
@@ -25,7 +30,7 @@ from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.logs import setup_logging
 from servable_framework.servable.declare import GraphRunner
 from servable_framework.servable.loader import LoadedServable, load_servable, resolve_version
-from servable_framework.wire import Kind, Value, decode_instances, encode_instances, encode_value, unpack
+from servable_framework.wire import Kind, Value, decode_instances, encode_instances, encode_value, pack, unpack
 from servable_framework.worker.batcher import ModelBatcher
 from servable_framework.worker.cancel import CancelToken
 from servable_framework.worker.pipeline import MethodRunner
@@ -36,6 +41,7 @@ from servable_framework.worker.values import from_stage_output
 log = logging.getLogger("servable_framework.worker")
 
 REQUEST_THREADS = 16
+LOOP_MAX_BYTES = 64 * 1024  # a request carrying more tensor bytes than this never runs on the event loop
 
 
 def batcher_key(model_key: str, subgraph: int) -> str:
@@ -51,6 +57,9 @@ class Worker:
         self.ctx = zmq.asyncio.Context()
         self.sock = transport.async_socket(self.ctx, zmq.DEALER, identity=self.worker_id.encode())
         self.sock.connect(payload["main_address"])
+        self.io = transport.LoopSocket(self.sock, self._on_frames)  # every message in and out goes through it
+        self.io.start()
+        self.loop = asyncio.get_running_loop()
         self.pool = ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix="request")
         self.runner: MethodRunner | None = None
         self.agents: Any = None  # AgentPool for distributed servables
@@ -59,6 +68,7 @@ class Worker:
         self.last_ping = time.monotonic()
         self.stopping = asyncio.Event()
         self.register_header: dict[str, Any] = {}
+        self._model_only: dict[str, list[ModelBatcher] | None] = {}  # method -> its batchers, None: has functions
 
     async def start(self) -> None:
         p = self.payload
@@ -97,7 +107,7 @@ class Worker:
             "batch_size": min((b.backend.batch_size for b in self.batchers.values()), default=0),
             # inputs/outputs with what is known of their types, for protocol metadata (KServe v2)
             "signatures": method_signatures(loaded.spec, {k: b.backend for k, b in self.batchers.items()})}
-        await transport.send(self.sock, Kind.REGISTER, self.register_header)
+        self.io.send(Kind.REGISTER, self.register_header)
         log.info("servable '%s' version %d ready, methods: %s", loaded.spec.name, p["version"],
                  sorted(self.register_header["methods"]))
 
@@ -143,75 +153,114 @@ class Worker:
 
     async def serve(self) -> None:
         watchdog = asyncio.create_task(self._watch_main())
-        recv = asyncio.create_task(self._recv_loop())
         await self.stopping.wait()
-        recv.cancel()
         watchdog.cancel()
 
-    async def _recv_loop(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            try:
-                kind, header, buffers = unpack([f.buffer for f in frames])
-            except InvalidInput as exc:
-                log.warning("dropping malformed message from Main: %s", exc)
-                continue
-            if kind is Kind.PING:
-                self.last_ping = time.monotonic()
-                await transport.send(self.sock, Kind.PONG, {"worker_id": self.worker_id,
-                                                            "batches": self._batch_stats()})
-            elif kind is Kind.PREDICT:
-                transport.spawn(self._predict(header, buffers, frames))
-            elif kind is Kind.CANCEL:
-                token = self.cancels.get(header.get("id"))
-                if token is not None:
-                    log.info("request %s cancelled by Main (timed out)", header.get("id"))
-                    token.cancel()
-            elif kind is Kind.EXIT:
-                log.info("Main asked this worker to exit")
-                self.stopping.set()
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        """One message from Main (called by `LoopSocket` on the loop; must not block)."""
+        try:
+            kind, header, buffers = unpack([f.buffer for f in frames])
+        except InvalidInput as exc:
+            log.warning("dropping malformed message from Main: %s", exc)
+            return
+        if kind is Kind.PING:
+            self.last_ping = time.monotonic()
+            self.io.send(Kind.PONG, {"worker_id": self.worker_id, "batches": self._batch_stats()})
+        elif kind is Kind.PREDICT:
+            request_id = header.get("id")
+            token = self.cancels[request_id] = CancelToken()
+            if header.get("stream") is True:
+                transport.spawn(self._predict_stream(request_id, header, buffers, token))
+            elif self._loop_safe(header.get("method"), buffers):
+                self._predict(request_id, header, buffers, frames, token, on_loop=True)
+            else:
+                self.pool.submit(self._predict, request_id, header, buffers, frames, token)
+        elif kind is Kind.CANCEL:
+            running = self.cancels.get(header.get("id"))
+            if running is not None:
+                log.info("request %s cancelled by Main (timed out)", header.get("id"))
+                running.cancel()
+        elif kind is Kind.EXIT:
+            log.info("Main asked this worker to exit")
+            self.stopping.set()
 
-    async def _predict(self, header: dict[str, Any], buffers: Any, frames: Any) -> None:
-        """PREDICT ``{"id", "method", "instances", "stream"?}``: one RESULT back; with ``"stream": true`` STREAM
-        messages ``{"id", "pieces": [...]}`` (`_StreamSender`) come first, and the RESULT only ends the request
-        (``{"id", "streamed": true}``; every instance's outcome was in its last piece) or fails it whole."""
-        request_id = header.get("id")
-        token = self.cancels[request_id] = CancelToken()
-        loop = asyncio.get_running_loop()
-        sender = _StreamSender(self.sock, request_id, loop) if header.get("stream") is True else None
+    def _loop_safe(self, method: Any, buffers: Any) -> bool:
+        """Whether a PREDICT of ``method`` with these buffers may run on the loop (module docstring)."""
+        if self.runner is None or not isinstance(method, str) or sum(len(b) for b in buffers) > LOOP_MAX_BYTES:
+            return False
+        if method not in self._model_only:
+            spec = self.runner.spec.methods.get(method)
+            if spec is None:  # the runner answers that one (not cached: names come from outside)
+                return False
+            stages = spec.stages if not spec.stream else []
+            models = [self.batchers.get(s.model.key) if s.model is not None else None for s in stages]
+            self._model_only[method] = [b for b in models if b is not None] \
+                if stages and all(b is not None for b in models) else None
+        batchers = self._model_only[method]
+        return batchers is not None and all(b.loop_safe() for b in batchers)
+
+    def _predict(self, request_id: Any, header: dict[str, Any], buffers: Any, frames: Any, token: CancelToken,
+                 on_loop: bool = False) -> None:
+        """PREDICT ``{"id", "method", "instances"}`` on a request thread (or ``on_loop``): run it, encode the
+        RESULT here and hand only its frames to the loop (``{"id", "results": [{"ok": outputs} | {"error":
+        ...}]}`` or ``{"id", "error"}`` for the whole request)."""
+        reply: dict[str, Any]
+        out_buffers: list[Any] = []
         try:
             instances = decode_instances(header.get("instances"), buffers)
             assert self.runner is not None
-            results = await loop.run_in_executor(
-                self.pool, self.runner.run, str(header.get("method")), instances, token, sender)
+            results = self.runner.run(str(header.get("method")), instances, token, None)
+            encoded = []
+            for res in results:
+                if isinstance(res, ServingError):
+                    encoded.append({"error": res.to_wire()})
+                else:
+                    try:
+                        encoded.append({"ok": encode_instances([res], out_buffers)[0]})
+                    except ServingError as exc:
+                        encoded.append({"error": exc.to_wire()})
+            reply = {"id": request_id, "results": encoded, "batches": self._batch_stats()}
         except ServingError as exc:
-            await transport.send(self.sock, Kind.RESULT, {"id": request_id, "error": exc.to_wire()})
+            reply, out_buffers = {"id": request_id, "error": exc.to_wire()}, []
+        except Exception as exc:  # a bug in the framework: report it, keep serving
+            log.exception("request %s failed", request_id)
+            reply, out_buffers = {"id": request_id, "error": ServingError(f"System error: {exc}").to_wire()}, []
+        out = pack(Kind.RESULT, reply, out_buffers)
+        if on_loop:
+            self._answer(request_id, out, frames)
+            return
+        try:  # ``frames`` travels along: stages may have returned zero-copy views of the input buffers
+            self.loop.call_soon_threadsafe(self._answer, request_id, out, frames)
+        except RuntimeError:  # the loop is closed: this Worker is exiting, Main fails the request
+            pass
+
+    def _answer(self, request_id: Any, frames_out: list[Any], _frames_in: Any) -> None:
+        self.cancels.pop(request_id, None)
+        self.io.send_frames(frames_out)
+
+    async def _predict_stream(self, request_id: Any, header: dict[str, Any], buffers: Any,
+                              token: CancelToken) -> None:
+        """PREDICT with ``"stream": true``: STREAM messages ``{"id", "pieces": [...]}`` (`_StreamSender`) first,
+        then a RESULT that only ends the request (``{"id", "streamed": true}``; every instance's outcome was in
+        its last piece) or fails it whole."""
+        loop = asyncio.get_running_loop()
+        sender = _StreamSender(self.io, request_id, loop)
+        try:
+            instances = decode_instances(header.get("instances"), buffers)
+            assert self.runner is not None
+            await loop.run_in_executor(self.pool, self.runner.run, str(header.get("method")), instances, token,
+                                       sender)
+        except ServingError as exc:
+            self.io.send(Kind.RESULT, {"id": request_id, "error": exc.to_wire()})
             return
         except Exception as exc:  # a bug in the framework: report it, keep serving
             log.exception("request %s failed", request_id)
-            await transport.send(self.sock, Kind.RESULT, {"id": request_id,
-                                                          "error": ServingError(f"System error: {exc}").to_wire()})
+            self.io.send(Kind.RESULT, {"id": request_id, "error": ServingError(f"System error: {exc}").to_wire()})
             return
         finally:
             self.cancels.pop(request_id, None)
-        if sender is not None:
-            await sender.flush()  # the RESULT must not overtake the last piece
-            await transport.send(self.sock, Kind.RESULT, {"id": request_id, "streamed": True,
-                                                          "batches": self._batch_stats()})
-            return
-        out_buffers: list[Any] = []
-        encoded = []
-        for res in results:
-            if isinstance(res, ServingError):
-                encoded.append({"error": res.to_wire()})
-            else:
-                try:
-                    encoded.append({"ok": encode_instances([res], out_buffers)[0]})
-                except ServingError as exc:
-                    encoded.append({"error": exc.to_wire()})
-        del frames  # input buffers may be released only now: stages may have kept zero-copy views
-        await transport.send(self.sock, Kind.RESULT, {"id": request_id, "results": encoded,
-                                                      "batches": self._batch_stats()}, out_buffers)
+        # the pieces were handed to the loop before the run ended: sent already, the RESULT cannot overtake them
+        self.io.send(Kind.RESULT, {"id": request_id, "streamed": True, "batches": self._batch_stats()})
 
     def _batch_stats(self) -> dict[str, list[int]]:
         return {k: [b.batches_run, b.instances_run, getattr(b.backend, "joined", 0), getattr(b.backend, "cancelled", 0),
@@ -229,35 +278,32 @@ class Worker:
 
     def _agents_failed(self, reason: str) -> None:
         """Called by the AgentPool when an Agent dies or goes silent: tell Main now, then keep serving errors."""
-        transport.spawn(
-            transport.send(self.sock, Kind.FAILED, {"worker_id": self.worker_id, "error": reason, "fatal": False}))
+        self.io.send(Kind.FAILED, {"worker_id": self.worker_id, "error": reason, "fatal": False})
 
     def _agents_recovered(self) -> None:
         """All Agents re-joined: register again, Main routes to this Worker again."""
         log.info("agents recovered, servable available again")
-        transport.spawn(transport.send(self.sock, Kind.REGISTER, self.register_header))
+        self.io.send(Kind.REGISTER, self.register_header)
 
     async def close(self) -> None:
         if self.agents is not None:
             await self.agents.close()
         for batcher in self.batchers.values():
             batcher.close()
-        try:
-            await asyncio.wait_for(transport.send(self.sock, Kind.EXIT, {"worker_id": self.worker_id}), 1.0)
-        except Exception:
-            pass
+        self.io.send(Kind.EXIT, {"worker_id": self.worker_id})
+        await self.io.drain(1.0)
+        self.io.stop()
         self.sock.close(linger=1000)  # let the last FAILED/EXIT frame reach Main
         self.ctx.term()
 
 
 class _StreamSender:
-    """`StreamEmit` of one streaming request: encodes pieces on the calling thread and sends them to Main from
-    the event loop, in call order, as STREAM ``{"id", "pieces": [{"index", "outputs": {name: value}, "finish"}
+    """`StreamEmit` of one streaming request: encodes pieces on the calling thread and has the event loop send
+    them to Main, in call order, as STREAM ``{"id", "pieces": [{"index", "outputs": {name: value}, "finish"}
     | {"index", "error": {"kind", "msg"}}]}``."""
 
-    def __init__(self, sock: zmq.asyncio.Socket, request_id: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self.sock, self.request_id, self.loop = sock, request_id, loop
-        self.last: Future[None] | None = None
+    def __init__(self, io: transport.LoopSocket, request_id: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.io, self.request_id, self.loop = io, request_id, loop
 
     def __call__(self, pieces: list[Piece]) -> None:
         buffers: list[Any] = []
@@ -276,16 +322,9 @@ class _StreamSender:
             else:
                 item["error"] = piece.error.to_wire()
             encoded.append(item)
-        # tasks start in creation order and the socket sends in call order: pieces leave in order
-        self.last = asyncio.run_coroutine_threadsafe(
-            transport.send(self.sock, Kind.STREAM, {"id": self.request_id, "pieces": encoded}, buffers), self.loop)
-
-    async def flush(self) -> None:
-        if self.last is not None:
-            try:
-                await asyncio.wrap_future(self.last)
-            except Exception as exc:  # Main is gone: its RESULT will not arrive either
-                log.warning("a stream piece of request %s was not sent: %s", self.request_id, exc)
+        # the loop runs its callbacks in the order they were handed over: pieces leave in order
+        self.loop.call_soon_threadsafe(self.io.send_frames,
+                                       pack(Kind.STREAM, {"id": self.request_id, "pieces": encoded}, buffers))
 
 
 async def _amain(payload: dict[str, Any]) -> int:
@@ -306,7 +345,8 @@ async def _amain(payload: dict[str, Any]) -> int:
         exc = start.exception()
         text = exc.message if isinstance(exc, ServingError) else str(exc)
         log.error("worker start failed: %s", text, exc_info=exc)
-        await transport.send(worker.sock, Kind.FAILED, {"worker_id": worker.worker_id, "error": text, "fatal": True})
+        worker.io.send(Kind.FAILED, {"worker_id": worker.worker_id, "error": text, "fatal": True})
+        await worker.io.drain(30.0)  # Main must hear why (it may not be connected yet)
         await worker.close()
         return 1
     await worker.serve()
@@ -320,5 +360,9 @@ def worker_main() -> None:
     setup_logging(f"worker:{payload['servable_name']}")
     if payload.get("device_id") is not None:
         os.environ["SERVING_DEVICE_ID"] = str(payload["device_id"])  # user code may read it at import
-    code = asyncio.run(_amain(payload))
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=transport.new_event_loop) as runner:  # uvloop
+            code = runner.run(_amain(payload))
+    else:  # pragma: no cover
+        code = asyncio.run(_amain(payload))
     procs.exit_now(code)
