@@ -3,7 +3,7 @@
 Routes (KServe's table, versions included)::
 
     GET  /v2                                        server metadata {name, version, extensions}
-    GET  /v2/health/live                            {"live": true}
+    GET  /v2/health/live                            {"live": bool}; 503 when not (the rule of /health)
     GET  /v2/health/ready                           {"ready": bool}; 503 when not ready (as /ready)
     GET  /v2/models/{model}[/versions/{v}]          model metadata {name, versions, platform, inputs, outputs}
     GET  /v2/models/{model}[/versions/{v}]/ready    {"name", "ready"}; 503 when not ready
@@ -92,7 +92,9 @@ def routes(dispatcher: Dispatcher, max_msg_bytes: int) -> list[BaseRoute]:
         return JSONResponse({"name": SERVER_NAME, "version": version, "extensions": EXTENSIONS})
 
     async def live(_: Request) -> Response:
-        return JSONResponse({"live": True})
+        # the same rule as /health: not live once a servable has no Worker left and no restart to come
+        live = not dispatcher.workers.lost()
+        return JSONResponse({"live": live}, status_code=200 if live else 503)
 
     async def ready(_: Request) -> Response:
         servables = dispatcher.ready()

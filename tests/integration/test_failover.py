@@ -219,6 +219,7 @@ def test_health_turns_unhealthy_once_the_restart_budget_is_spent(servers, echo_d
     budget (2 here) ``/health`` answers 503 naming the servable, requests fail with 503, Main stays up."""
     server, rest = start_main(servers, echo_dir, "failover_echo", [0], SERVABLE_WORKER_RESTART_MAX="2")
     assert rest.get("/health").json() == {"status": "alive"}
+    assert rest.get("/v2/health/live").json() == {"live": True}
     (echo_dir / "failover_echo" / "CRASH").write_text("")
     os.kill(worker_pids(server)[0], signal.SIGKILL)
     wait_until(lambda: rest.get("/health").status_code == 503, 60, "/health to turn unhealthy")
@@ -226,6 +227,8 @@ def test_health_turns_unhealthy_once_the_restart_budget_is_spent(servers, echo_d
     assert body["status"] == "unhealthy"
     assert "servable 'failover_echo' version 1 has no Worker left (restart limit 2 reached)" in body["error_msg"]
     assert "exited with code" in body["error_msg"]
+    live = rest.get("/v2/health/live")  # KServe's liveness follows the same rule
+    assert live.status_code == 503 and live.json() == {"live": False}
     worker_log = next((echo_dir.parent / "serving_logs").glob("log_failover_echo_device0_*.log")).read_text()
     assert worker_log.count("worker start failed") == 2  # both restarts died while loading
     r = rest.post("/model/failover_echo:echo", echo_body(1.0))
