@@ -319,7 +319,8 @@ class FakeDispatcher:
     """What the KServe routes use of `Dispatcher`: its Workers, readiness, draining, ``predict``."""
 
     def __init__(self, *handles: WorkerHandle) -> None:
-        self.workers = SimpleNamespace(workers={h.worker_id: h for h in handles})
+        self.lost: list[str] = []  # what WorkerSet.lost() reports: endpoints whose restart budget is spent
+        self.workers = SimpleNamespace(workers={h.worker_id: h for h in handles}, lost=lambda: self.lost)
         self.draining = False
         self.calls: list[tuple[Any, ...]] = []
         self.answer: Any = None
@@ -398,6 +399,10 @@ def test_readiness_routes(fake: tuple[FakeDispatcher, TestClient]) -> None:
     assert client.get("/v2/models/nothere/ready").status_code == 404
     dispatcher.workers.workers.pop("w4")
     assert client.get("/v2/health/ready").json() == {"ready": True}
+    dispatcher.lost = ["servable 'add' version 1: every Worker gave up"]
+    r = client.get("/v2/health/live")
+    assert r.status_code == 503 and r.json() == {"live": False}
+    dispatcher.lost = []
     dispatcher.workers.workers["w1"].state = WorkerState.UNAVAILABLE  # the newest version is down
     r = client.get("/v2/models/add/ready")
     assert r.status_code == 503 and r.json() == {"name": "add", "ready": False}
