@@ -1,12 +1,14 @@
 """Baseline for bench_add.py: a `torch.distributed.rpc` round trip (TensorPipe backend, localhost).
 
-    python bench/_torch_rpc.py PORT SMALL_CALLS BIG_CALLS BIG_MIB
+    python bench/_torch_rpc.py PORT SMALL_CALLS BIG_CALLS BIG_MIB [KEEP_FREED_MIB]
 
 Two processes (this one, rank 0, and a copy of it started as rank 1, ``--rank1``). Rank 0 times
 ``rpc_sync("rank1", add, (x1, x2))`` with the tensor_add example's 2x2 float32 inputs (``SMALL_CALLS`` calls,
 after a warm-up) and ``rpc_sync("rank1", echo, (x,))`` with one ``BIG_MIB`` MiB float32 tensor there and the same
 back (``BIG_CALLS`` calls), checks every answer, and prints one line of JSON: p50 in ms of each. This is how the
 seeds move tensors between processes; TensorPipe picks its own fastest local transport and channel.
+``KEEP_FREED_MIB`` > 0 gives both processes the malloc tuning Main and its Workers use
+(`servable_framework.memtune.keep_freed_memory`), so that the two sides can be compared with the same setting.
 """
 
 from __future__ import annotations
@@ -40,12 +42,18 @@ def _p50(xs: list[float]) -> float:
 
 def main() -> None:
     torch.set_num_threads(1)
+    keep = int(sys.argv[-1]) if sys.argv[1] == "--rank1" and len(sys.argv) > 3 else (
+        int(sys.argv[5]) if len(sys.argv) > 5 else 0)
+    if keep:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from servable_framework import memtune
+        memtune.keep_freed_memory(keep)
     if sys.argv[1] == "--rank1":
         rpc.init_rpc("rank1", rank=1, world_size=2, rpc_backend_options=_options(sys.argv[2]))
         rpc.shutdown()  # waits for rank 0's calls
         return
     port, small_calls, big_calls, big_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    peer = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--rank1", port])
+    peer = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--rank1", port, str(keep)])
     try:
         rpc.init_rpc("rank0", rank=0, world_size=2, rpc_backend_options=_options(port))
         base = torch.arange(4, dtype=torch.float32).reshape(2, 2)

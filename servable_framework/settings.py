@@ -44,6 +44,9 @@ class Settings(BaseModel):
                                 "interpreter per local rank (torch and the shard's module imported, no weights, "
                                 "~350 MB each on CPU) that replaces a dead rank in well under a second instead of "
                                 "the 2-5 s a fresh one needs; 0 saves that memory")
+    keep_freed_mib: int = Field(512, ge=0, description="Main and its Workers keep up to this much freed memory "
+                                "mapped for reuse (glibc malloc tuning, `servable_framework.memtune`), so a large "
+                                "tensor does not page-fault in every process it crosses; 0 keeps glibc's defaults")
     agent_threads: int = Field(0, ge=0, description="torch intra-op threads of each Agent; 0 (default) shares this "
                                "host's cores among its local Agents: usable cores // local Agents, at least 1")
 

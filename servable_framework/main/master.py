@@ -23,7 +23,7 @@ import uvicorn
 import zmq
 import zmq.asyncio
 
-from servable_framework import procs, transport
+from servable_framework import memtune, procs, transport
 from servable_framework.curve import CurveKeys
 from servable_framework.logs import setup_logging
 from servable_framework.main import auth, http
@@ -41,6 +41,7 @@ T = TypeVar("T")
 class Master:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        memtune.keep_freed_memory(settings.keep_freed_mib)  # before this process's threads start
         self.loop = http.new_event_loop()  # uvloop when the REST server runs on it
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="serving-main", daemon=False)

@@ -141,7 +141,8 @@ class WorkerSet:
                    "heartbeat": {"interval_s": self.settings.heartbeat_interval_s,
                                  "timeout_s": self.settings.heartbeat_timeout_s,
                                  "step_timeout_s": self.settings.step_timeout_s,
-                                 "group_timeout_s": self.settings.group_timeout_s}}
+                                 "group_timeout_s": self.settings.group_timeout_s},
+                   "keep_freed_mib": self.settings.keep_freed_mib}
         handle = WorkerHandle(worker_id, payload, os.path.join(self.settings.log_dir, log_name))
         self.workers[worker_id] = handle
         self._launch(handle)

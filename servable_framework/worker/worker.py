@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from servable_framework import procs, transport
+from servable_framework import memtune, procs, transport
 from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.logs import setup_logging
 from servable_framework.servable.declare import GraphRunner
@@ -357,6 +357,7 @@ async def _amain(payload: dict[str, Any]) -> int:
 def worker_main() -> None:
     payload = procs.read_payload()
     assert payload is not None, "a Worker is always spawned with its payload"
+    memtune.keep_freed_memory(int(payload.get("keep_freed_mib", 0)))  # before the threads start
     setup_logging(f"worker:{payload['servable_name']}")
     if payload.get("device_id") is not None:
         os.environ["SERVING_DEVICE_ID"] = str(payload["device_id"])  # user code may read it at import
