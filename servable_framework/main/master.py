@@ -63,8 +63,8 @@ class Master:
         self.loop.close()
 
     async def _make_workers(self) -> WorkerSet:
-        workers = WorkerSet(self.ctx, self.settings)
-        workers.run()
+        workers = WorkerSet(self.settings)
+        await workers.run()
         return workers
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:

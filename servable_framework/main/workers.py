@@ -24,13 +24,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-import zmq.asyncio
-
-from servable_framework import procs, transport
+from servable_framework import procs, unixlink
 from servable_framework.errors import ServingError, StartupError, Unavailable
 from servable_framework.settings import Settings
-from servable_framework.wire import Kind, unpack
+from servable_framework.wire import Frame, Kind, unpack
 
 log = logging.getLogger("servable_framework.main")
 
@@ -109,28 +106,25 @@ class WorkerHandle:
 
 
 class WorkerSet:
-    """All Workers of this Main, and the ROUTER socket they connect to."""
+    """All Workers of this Main, and the unix socket (`unixlink.LinkServer`) they connect to."""
 
     _ids = itertools.count()
 
-    def __init__(self, ctx: zmq.asyncio.Context, settings: Settings) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.sock = transport.async_socket(ctx, zmq.ROUTER)
-        # Workers are always this machine's children: a unix socket in a private folder (ipc://) is cheaper per
-        # message than loopback TCP and reachable by nobody else
+        # Workers are always this machine's children: a unix socket in a private 0700 folder, reachable by nobody
+        # else, driven by the loop itself (`unixlink`: no ZMQ I/O thread between a message and its socket)
         _remove_stale_ipc_dirs()
         self._ipc_dir = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
-        self.address = f"ipc://{self._ipc_dir}/workers"
-        self.sock.bind(self.address)
-        # the data plane: messages are sent and received straight from the loop (no zmq.asyncio futures)
-        self.io = transport.LoopSocket(self.sock, self._on_frames)
+        self.address = f"{self._ipc_dir}/workers"
+        self.io = unixlink.LinkServer(self.address, self._on_frames)
         self.workers: dict[str, WorkerHandle] = {}
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         log.info("Master server start success, listening on %s", self.address)
 
-    def run(self) -> None:
-        self.io.start()
+    async def run(self) -> None:
+        await self.io.start()
         self._tasks = [asyncio.create_task(self._monitor_loop())]
 
     # -- start ----------------------------------------------------------------------------------------------
@@ -171,16 +165,16 @@ class WorkerSet:
         """Raises `Unavailable` when the Worker's connection is gone (it died or is restarting)."""
         try:
             self.io.send(kind, header, buffers, to=handle.worker_id.encode())
-        except zmq.ZMQError as exc:
+        except unixlink.LinkError as exc:
             raise WorkerLost(f"Request servable({handle.servable}) version({handle.version}) , servable is not "
                              f"available: {handle.label} is unreachable ({exc})") from None
 
-    def _on_frames(self, frames: list[zmq.Frame]) -> None:
-        """One message from a Worker (called by `LoopSocket` on the loop)."""
-        ident = bytes(frames[0].buffer).decode(errors="replace")
+    def _on_frames(self, identity: bytes, frames: list[Frame]) -> None:
+        """One message from a Worker (called by the link on the loop)."""
+        ident = identity.decode(errors="replace")
         handle = self.workers.get(ident)
         try:
-            kind, header, buffers = unpack([f.buffer for f in frames[1:]])
+            kind, header, buffers = unpack(frames)
         except ServingError as exc:
             log.warning("malformed message from %s: %s", ident, exc)
             return
@@ -351,5 +345,4 @@ class WorkerSet:
         for task in self._tasks:
             task.cancel()
         self.io.stop()
-        self.sock.close(0)
         shutil.rmtree(self._ipc_dir, ignore_errors=True)

@@ -22,15 +22,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import zmq
 import zmq.asyncio
 
-from servable_framework import memtune, procs, transport
+from servable_framework import memtune, procs, transport, unixlink
 from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.logs import setup_logging
 from servable_framework.servable.declare import GraphRunner
 from servable_framework.servable.loader import LoadedServable, load_servable, resolve_version
-from servable_framework.wire import Kind, Value, decode_instances, encode_instances, encode_value, pack, unpack
+from servable_framework.wire import Frame, Kind, Value, decode_instances, encode_instances, encode_value, pack, unpack
 from servable_framework.worker.batcher import ModelBatcher
 from servable_framework.worker.cancel import CancelToken
 from servable_framework.worker.pipeline import MethodRunner
@@ -55,9 +54,8 @@ class Worker:
         self.payload = payload
         self.worker_id: str = payload["worker_id"]
         self.ctx = zmq.asyncio.Context()
-        self.sock = transport.async_socket(self.ctx, zmq.DEALER, identity=self.worker_id.encode())
-        self.sock.connect(payload["main_address"])
-        self.io = transport.LoopSocket(self.sock, self._on_frames)  # every message in and out goes through it
+        # every message to and from Main goes through it (`unixlink`: the loop writes and reads the socket itself)
+        self.io = unixlink.LinkClient(payload["main_address"], self.worker_id.encode(), self._on_frames)
         self.io.start()
         self.loop = asyncio.get_running_loop()
         self.pool = ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix="request")
@@ -156,10 +154,10 @@ class Worker:
         await self.stopping.wait()
         watchdog.cancel()
 
-    def _on_frames(self, frames: list[zmq.Frame]) -> None:
-        """One message from Main (called by `LoopSocket` on the loop; must not block)."""
+    def _on_frames(self, frames: list[Frame]) -> None:
+        """One message from Main (called by the link on the loop; must not block)."""
         try:
-            kind, header, buffers = unpack([f.buffer for f in frames])
+            kind, header, buffers = unpack(frames)
         except InvalidInput as exc:
             log.warning("dropping malformed message from Main: %s", exc)
             return
@@ -267,10 +265,15 @@ class Worker:
                     b.instances_dropped] for k, b in self.batchers.items()}
 
     async def _watch_main(self) -> None:
-        """Main pings every interval; silence beyond the timeout means Main is wedged or gone."""
+        """Main pings every interval; silence beyond the timeout means Main is wedged or gone, and so does the
+        end of the link's connection (Main never closes it while it wants this Worker)."""
         hb = self.payload["heartbeat"]
         while True:
             await asyncio.sleep(hb["interval_s"])
+            if self.io.lost.is_set():
+                log.error("the connection to Main is gone, exiting")
+                self.stopping.set()
+                return
             if time.monotonic() - self.last_ping > hb["timeout_s"]:
                 log.error("no heartbeat from Main for %.1f s, exiting", hb["timeout_s"])
                 self.stopping.set()
@@ -291,9 +294,8 @@ class Worker:
         for batcher in self.batchers.values():
             batcher.close()
         self.io.send(Kind.EXIT, {"worker_id": self.worker_id})
-        await self.io.drain(1.0)
+        await self.io.drain(1.0)  # let the last FAILED/EXIT message reach Main
         self.io.stop()
-        self.sock.close(linger=1000)  # let the last FAILED/EXIT frame reach Main
         self.ctx.term()
 
 
@@ -302,7 +304,7 @@ class _StreamSender:
     them to Main, in call order, as STREAM ``{"id", "pieces": [{"index", "outputs": {name: value}, "finish"}
     | {"index", "error": {"kind", "msg"}}]}``."""
 
-    def __init__(self, io: transport.LoopSocket, request_id: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, io: unixlink.LinkClient, request_id: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.io, self.request_id, self.loop = io, request_id, loop
 
     def __call__(self, pieces: list[Piece]) -> None:
