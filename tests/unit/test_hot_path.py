@@ -203,6 +203,9 @@ BODIES = [
     b'{"instances": [{"x": 1}], "instances": [{"x": 2}]}',  # counted twice: json's path
     b'{"\\u0069nstances": [{"x": 1}], "instances": [{"x": 2}]}',  # an escaped duplicate: json's path
     b'{"instances": [{"x": 18446744073709551616}]}',  # beyond int64: json's path (orjson would say float)
+    b'{"instances": [{"x": [0.00012345678901234567891, -12345678901234567890]}]}',  # a long int after a fraction
+    b'{"instances": [{"x": [0.00012345678901234567891, 1.5e-7, 123456789012345678.5]}]}',  # long fractions only
+    b'{"instances": [{"x": [1e1234567890123456789]}]}',
     b'{"instances": [{"x": 1e400}]}',
     b'{"instances": [{"x": NaN}]}',
     b'\xef\xbb\xbf{"instances": [{"x": 0.1}]}',
@@ -231,3 +234,13 @@ def test_fast_json_path_answers_as_the_json_module(body: bytes, monkeypatch: pyt
     fast = outcome()
     monkeypatch.setattr(rest_codec, "_load_fast", lambda _body: None)
     assert outcome() == fast
+
+
+def test_long_fractions_stay_on_the_fast_path() -> None:
+    """Digits after a decimal point are a float's for both parsers: only a long run elsewhere (maybe an int
+    beyond int64) sends a body to `json`."""
+    from servable_framework.main import rest_codec
+
+    assert rest_codec._load_fast(b'{"instances": [{"x": [0.00012345678901234567891, 0.5]}]}') is not None
+    assert rest_codec._load_fast(b'{"instances": [{"x": [0.5, 12345678901234567890]}]}') is None
+    assert rest_codec._load_fast(b'{"instances": [{"x": [0.5, -1234567890123456789]}]}') is None
