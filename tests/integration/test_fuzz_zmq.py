@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgpack
@@ -116,7 +117,8 @@ def test_front_end_still_serves_after_fuzz(add_front) -> None:
 
 # --- the Client against a scripted server ---------------------------------------------------------------------
 
-Reply = Callable[[bytes, Any], list[bytes] | None]  # (client id, request id) -> frames to send, or None: hang up
+# (client id, request id) -> the frames of one message to send, or of several (a list of lists), or None: hang up
+Reply = Callable[[bytes, Any], list[bytes] | list[list[bytes]] | None]
 
 
 class ScriptedServer:
@@ -142,7 +144,8 @@ class ScriptedServer:
                 frames = self.reply(client, msgpack.unpackb(header, raw=False).get("id"))
                 if frames is None:
                     return  # hang up with the call pending
-                sock.send_multipart([client, *frames])
+                for message in frames if frames and isinstance(frames[0], list) else [frames]:
+                    sock.send_multipart([client, *message])
         finally:
             sock.close(0)
             ctx.term()
@@ -189,3 +192,44 @@ def test_client_stream_fails_fast_on_a_malformed_piece() -> None:
         with pytest.raises(StreamError, match="internal.*malformed reply"):
             list(client.infer_stream({"x1": OK, "x2": OK}))
         assert time.monotonic() - start < 1.0
+
+
+# --- infer on the caller's own socket --------------------------------------------------------------------------
+
+
+def test_calls_from_many_threads_each_get_their_own_answer(add_front) -> None:
+    """Threads beyond `Client.SYNC_SOCKETS` go through the I/O thread; both kinds of call run at once and every
+    answer is the one of its own request."""
+    _, zmq_address = add_front
+    with Client(zmq_address, "add", "add_common", timeout_s=30) as client:
+        client.SYNC_SOCKETS = 2  # 2 threads on their own sockets, 2 through the I/O thread
+
+        def work(seed: int) -> list[bool]:
+            results = []
+            for i in range(25):
+                x = OK * (seed * 100 + i)
+                out = client.infer({"x1": x, "x2": OK})
+                results.append(isinstance(out, list) and np.array_equal(out[0]["y"], x + OK))
+            return results
+
+        with ThreadPoolExecutor(4) as pool:
+            assert all(all(r) for r in pool.map(work, range(4)))
+        assert len(client._sync) == 2
+    out = client.infer({"x1": OK, "x2": OK})
+    assert isinstance(out, dict) and "the client was closed" in out["error"], out
+
+
+def test_a_late_or_foreign_reply_is_not_taken_for_the_call() -> None:
+    """The server answers each request with a RESULT of another request id and a STREAM of this one before its
+    real RESULT: the caller gets the real one (a late reply of a call that gave up must not answer the next)."""
+    def reply(_client: bytes, rid: Any) -> list[list[bytes]]:
+        good = _reply_header(id=rid, instances=[{"y": _nd([2, 2], 0)}], error_msg=[])
+        other = _reply_header(id=rid + 1000, instances=[{"y": _nd([2, 2], 0)}], error_msg=[])
+        return [[b"r", other, (OK * 7).tobytes()], [b"s", _reply_header(id=rid, pieces=[])],
+                [b"r", good, (OK * 3).tobytes()]]
+
+    server = ScriptedServer(reply)
+    with Client(f"127.0.0.1:{server.port}", "add", "add_common", timeout_s=5) as client:
+        for _ in range(3):
+            out = client.infer({"x1": OK, "x2": OK})
+            assert isinstance(out, list) and np.array_equal(out[0]["y"], OK * 3), out
