@@ -116,7 +116,7 @@ class _Link:
         buffers: list[Any] = []
         header = {"id": batch_id, "rank": self.agent.rank, "partial": index,
                   "ok": [encode_value(v, buffers) for v in outputs]}
-        self._send(transport.send(self.agent.sock, Kind.RESULT, header, buffers))
+        self.loop.call_soon_threadsafe(self.agent.io.send, Kind.RESULT, header, buffers)
 
     def complete(self, batch_id: Any, outputs: list[Any] | None) -> None:
         self._finish(batch_id)
@@ -169,7 +169,7 @@ class _Link:
             header = {"id": batch_id, "rank": self.agent.rank,
                       "pieces": [[index, [encode_value(v, buffers) for v in outputs], finish]
                                  for index, outputs, finish in rows]}
-            self._send(transport.send(self.agent.sock, Kind.STREAM, header, buffers))
+            self.loop.call_soon_threadsafe(self.agent.io.send, Kind.STREAM, header, buffers)
 
     def join(self, k: int) -> list[WaitingBatch]:
         if k <= 0:
@@ -256,6 +256,9 @@ class Agent:
         if keys is not None:  # the startup process checked that keys exist where the Worker requires them
             curve.secure_client(self.sock, keys)
         self.sock.connect(transport.zmq_endpoint(payload.distributed_address, "distributed"))
+        # sent and received straight from the loop (`transport.LoopSocket`, no zmq.asyncio futures per message)
+        self.io = transport.LoopSocket(self.sock, self._on_frames)
+        self.io.start()
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.inbox = Inbox()
         # batch id -> instances Main gave up on (output rank only; set on the loop, read by the compute thread)
@@ -303,36 +306,34 @@ class Agent:
 
     async def run(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self.compute, self.load)
-        await transport.send(self.sock, Kind.REGISTER, {"rank": self.rank, "pid": os.getpid(),
-                                                        "generation": self.cfg.generation})
+        self.io.send(Kind.REGISTER, {"rank": self.rank, "pid": os.getpid(), "generation": self.cfg.generation})
         procs_status(self.payload, b"R")
         self.last_ping = time.monotonic()
-        tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._watch_worker())]
+        watch = asyncio.create_task(self._watch_worker())
         await self.done.wait()
-        for task in tasks:
-            task.cancel()
+        watch.cancel()
 
-    async def _recv_loop(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            try:
-                kind, header, buffers = unpack([f.buffer for f in frames])
-            except ServingError as exc:
-                log.warning("dropping a malformed message: %s", exc)
-                continue
-            self.last_ping = time.monotonic()
-            if kind is Kind.PING:
-                await transport.send(self.sock, Kind.PONG, {"rank": self.rank})
-            elif kind is Kind.PREDICT:
-                transport.spawn(self._predict(header, buffers, frames))
-            elif kind is Kind.CANCEL:
-                # a task, like PREDICT: it then runs after the batch it names was queued (tasks start in order)
-                transport.spawn(self._cancel(header))
-            elif kind is Kind.EXIT:
-                final = bool(header.get("final", True))
-                log.info("rank %d told to exit (%s)%s", self.rank, "servable stopped" if final else "re-join",
-                         f": {header['error']}" if header.get("error") else "")
-                self.finish(0 if final else EXIT_REJOIN)
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        """One message from the Distributed Worker (called by `LoopSocket` on the loop; must not block)."""
+        try:
+            kind, header, buffers = unpack([f.buffer for f in frames])
+        except ServingError as exc:
+            log.warning("dropping a malformed message: %s", exc)
+            return
+        self.last_ping = time.monotonic()
+        if kind is Kind.PING:
+            if self.shard is not None:  # PONG only once loaded and registered, as before
+                self.io.send(Kind.PONG, {"rank": self.rank})
+        elif kind is Kind.PREDICT:
+            transport.spawn(self._predict(header, buffers, frames))
+        elif kind is Kind.CANCEL:
+            # a task, like PREDICT: it then runs after the batch it names was queued (tasks start in order)
+            transport.spawn(self._cancel(header))
+        elif kind is Kind.EXIT:
+            final = bool(header.get("final", True))
+            log.info("rank %d told to exit (%s)%s", self.rank, "servable stopped" if final else "re-join",
+                     f": {header['error']}" if header.get("error") else "")
+            self.finish(0 if final else EXIT_REJOIN)
 
     async def _cancel(self, header: dict[str, Any]) -> None:
         batch_id, rows = header.get("id"), header.get("rows")
@@ -384,7 +385,7 @@ class Agent:
             reply["error"] = _error_wire(error, self.rank)
         elif outputs is not None:
             reply["results"] = [{"ok": [encode_value(v, buffers) for v in out]} for out in outputs]
-        await transport.send(self.sock, Kind.RESULT, reply, buffers)
+        self.io.send(Kind.RESULT, reply, buffers)
 
     def _run(self, batch_id: Any, loop: asyncio.AbstractEventLoop) -> Any:
         """On the compute thread: run the batch, unless a batch that ran before took it in (then it is done)."""
@@ -430,12 +431,16 @@ class Agent:
         except asyncio.TimeoutError:
             pass
         log.error("%s", reason)
-        try:
-            await asyncio.wait_for(transport.send(self.sock, Kind.FAILED, {"rank": self.rank, "pid": os.getpid(),
-                                                                            "error": reason}), 0.5)
-        except Exception:
-            pass
+        self._tell(Kind.FAILED, {"rank": self.rank, "pid": os.getpid(), "error": reason})
+        await self.io.drain(0.5)
         self.finish(EXIT_REJOIN)
+
+    def _tell(self, kind: Kind, header: dict[str, Any]) -> None:
+        """A last notice to the Worker (FAILED, EXIT): queued if ZMQ cannot take it now; lost if it never can."""
+        try:
+            self.io.send(kind, header)
+        except zmq.ZMQError as exc:
+            log.warning("could not tell the distributed worker (%s): %s", kind.name, exc)
 
     async def _watch_worker(self) -> None:
         hb = self.cfg.heartbeat
@@ -454,10 +459,9 @@ class Agent:
 
     async def close(self) -> None:
         if self.exit_code == 1:  # leaving on our own (signal, parent gone): tell the worker at once
-            try:
-                await asyncio.wait_for(transport.send(self.sock, Kind.EXIT, {"rank": self.rank}), 0.5)
-            except Exception:
-                pass
+            self._tell(Kind.EXIT, {"rank": self.rank})
+        await self.io.drain(0.5)
+        self.io.stop()
         self.sock.close(linger=200)
         # deliver what is still queued (a FAILED or EXIT just sent) before the process exits: os._exit follows,
         # which would drop it; term() waits for the socket's linger at most
@@ -486,11 +490,9 @@ async def _amain(payload: AgentPayload) -> int:
         log.error("rank %d failed to start: %s", payload.rank, "".join(traceback.format_exception(exc)))
         text = f"rank {payload.rank}: {type(exc).__name__}: {exc}"
         procs_status(payload, b"F" + text.encode(errors="replace"))
-        try:
-            await asyncio.wait_for(transport.send(agent.sock, Kind.FAILED, {"rank": payload.rank, "error": text}),
-                                   0.5)
-        except Exception:
-            pass
+        agent._tell(Kind.FAILED, {"rank": payload.rank, "error": text})
+        await agent.io.drain(0.5)
+        agent.io.stop()
         agent.sock.close(linger=500)
         agent.ctx.term()
         return 1

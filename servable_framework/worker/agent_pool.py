@@ -76,6 +76,8 @@ class AgentPool:
         self.on_recovered = on_recovered
         self.ever_ready = False
         self.sock = transport.async_socket(ctx, zmq.ROUTER)
+        # the data plane: sent and received straight from the loop (`transport.LoopSocket`, no zmq.asyncio futures)
+        self.io = transport.LoopSocket(self.sock, self._on_frames)
         self.ranks: list[RankInfo] = []
         self.agents: dict[int, AgentHandle] = {}
         self.generation = 0
@@ -108,7 +110,8 @@ class AgentPool:
             self.sock.bind(transport.zmq_endpoint(address, "distributed"))
         except zmq.ZMQError as exc:
             raise StartupError(f"Distributed worker bind to {address} failed: {exc}") from None
-        self._tasks += [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeat_loop())]
+        self.io.start()
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
         log.info("Distributed worker listening on %s for %d agents%s", address, self.dist.rank_size,
                  " (CurveZMQ: authorized keys only)" if keys is not None else "")
         path = self.cfg["rank_table_json_file"]
@@ -139,25 +142,25 @@ class AgentPool:
             raise StartupError(f"Failed to starting all agents, maybe some error reported: {'; '.join(reasons)}")
 
     # -- messages -------------------------------------------------------------------------------------------
-    async def _recv_loop(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            identity = bytes(frames[0].buffer)
-            try:
-                kind, header, buffers = unpack([f.buffer for f in frames[1:]])
-                await self._on_message(identity, kind, header, buffers)
-            except ServingError as exc:
-                log.warning("bad message from %r: %s", identity, exc)
-            except Exception:  # the control loop must never die
-                log.exception("handling a message from %r failed", identity)
-
-    async def _send(self, identity: bytes, kind: Kind, header: dict[str, Any], buffers: Any = ()) -> None:
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        """One message from an Agent or a startup process (called by `LoopSocket` on the loop)."""
+        identity = bytes(frames[0].buffer)
         try:
-            await transport.send(self.sock, kind, header, buffers, to=identity)
+            kind, header, buffers = unpack([f.buffer for f in frames[1:]])
+            self._on_message(identity, kind, header, buffers)
+        except ServingError as exc:
+            log.warning("bad message from %r: %s", identity, exc)
+        except Exception:  # the control loop must never die
+            log.exception("handling a message from %r failed", identity)
+
+    def _send(self, identity: bytes, kind: Kind, header: dict[str, Any], buffers: Any = ()) -> None:
+        """Send now (or queued in order behind what ZMQ could not take yet); never blocks. Loop thread only."""
+        try:
+            self.io.send(kind, header, buffers, to=identity)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone; the heartbeat will notice
             log.debug("send to %r failed: %s", identity, exc)
 
-    async def _on_message(self, identity: bytes, kind: Kind, header: dict[str, Any], buffers: Any) -> None:
+    def _on_message(self, identity: bytes, kind: Kind, header: dict[str, Any], buffers: Any) -> None:
         rank = header.get("rank")
         agent = self.agents.get(rank) if isinstance(rank, int) else None
         if agent is not None and agent.identity == identity:
@@ -166,11 +169,11 @@ class AgentPool:
             for lost in header.get("lost", []):  # a startup process is about to restart these ranks
                 self._lost(lost.get("rank"), lost.get("pid"), str(lost.get("error", "")))
             self.startups.add(identity)  # told when the servable stops for good, see close()
-            await self._send(identity, Kind.CONFIG, {**self._agent_config(), "req": header.get("req")})
+            self._send(identity, Kind.CONFIG, {**self._agent_config(), "req": header.get("req")})
         elif kind is Kind.REGISTER:
-            await self._on_register(identity, header)
+            self._on_register(identity, header)
         elif kind is Kind.PING:
-            await self._send(identity, Kind.PONG, {})
+            self._send(identity, Kind.PONG, {})
         elif kind is Kind.RESULT:
             batch = self.pending.get(header.get("id", -1))
             if batch is not None:
@@ -217,14 +220,14 @@ class AgentPool:
             max_batch_rows=self.model.max_batch_size, max_batch_delay_ms=self.model.max_batch_delay_ms)
         return {"config": config.model_dump(mode="json")}
 
-    async def _on_register(self, identity: bytes, header: dict[str, Any]) -> None:
+    def _on_register(self, identity: bytes, header: dict[str, Any]) -> None:
         rank, generation = header.get("rank"), header.get("generation")
         if not isinstance(rank, int) or not 0 <= rank < self.dist.rank_size:
-            await self._send(identity, Kind.EXIT, {"final": True, "error": "Invalid rank id"})
+            self._send(identity, Kind.EXIT, {"final": True, "error": "Invalid rank id"})
             return
         if generation != self.generation or self.state is PoolState.READY:
             # a late joiner of an old generation: it must leave and come back for the current one
-            await self._send(identity, Kind.EXIT, {"final": False, "error": "Distributed servable has ended up "
+            self._send(identity, Kind.EXIT, {"final": False, "error": "Distributed servable has ended up "
                                                                             "registration"})
             return
         self.agents[rank] = AgentHandle(rank, identity, int(header.get("pid", 0)))
@@ -256,8 +259,7 @@ class AgentPool:
         self.state = PoolState.WAITING
         self.ready_event.clear()
         for agent in survivors:
-            transport.spawn(
-                self._send(agent.identity, Kind.EXIT, {"final": False, "error": reason}))
+            self._send(agent.identity, Kind.EXIT, {"final": False, "error": reason})
         if was_ready:
             self.on_failure(reason)
         elif not self.ever_ready:
@@ -272,7 +274,7 @@ class AgentPool:
                 if now - agent.last_seen > timeout:
                     self._fail(f"Agent rank {agent.rank} (pid {agent.pid}) missed heartbeats for {timeout:.1f} s")
                     break
-                await self._send(agent.identity, Kind.PING, {})
+                self._send(agent.identity, Kind.PING, {})
 
     # -- data plane -----------------------------------------------------------------------------------------
     async def predict(self, instances: list[list[Value]],
@@ -300,10 +302,10 @@ class AgentPool:
             for rank in range(self.dist.rank_size):
                 agent = self.agents[rank]
                 if rank < tp:  # stage 0 gets the inputs; later stages get them from upstream
-                    await self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "instances": encoded, **extra},
+                    self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "instances": encoded, **extra},
                                      buffers)
                 else:
-                    await self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "count": len(instances), **extra})
+                    self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "count": len(instances), **extra})
             loop = asyncio.get_running_loop()
             for index, token in enumerate(cancels or []):
                 if token is not None:
@@ -320,14 +322,16 @@ class AgentPool:
         if batch_id in self.pending:  # still running: only the output rank decides when rows finish
             output = self.agents.get(self.dist.output_rank)
             if output is not None:
-                transport.spawn(self._send(output.identity, Kind.CANCEL, {"id": batch_id, "rows": [index]}))
+                self._send(output.identity, Kind.CANCEL, {"id": batch_id, "rows": [index]})
 
     async def close(self) -> None:
         """Tell every Agent, and every Agent startup process, that the servable is going away for good: a
         startup process whose Agents are between generations stops instead of waiting to re-join."""
         self.state = PoolState.STOPPED
         for identity in [a.identity for a in self.agents.values()] + list(self.startups):
-            await self._send(identity, Kind.EXIT, {"final": True})
+            self._send(identity, Kind.EXIT, {"final": True})
+        await self.io.drain(0.5)  # the EXITs must leave before the socket closes
+        self.io.stop()
         for task in self._tasks:
             task.cancel()
         if self.zap is not None:

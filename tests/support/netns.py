@@ -247,21 +247,26 @@ def listening(pid: int) -> list[tuple[str, int]]:
     import ipaddress
 
     out = []
+    for fields in _tcp_rows(pid):
+        if len(fields) < 4 or fields[3] != "0A":  # 0A: LISTEN
+            continue
+        hex_addr, hex_port = fields[1].split(":")
+        raw = bytes.fromhex(hex_addr)
+        # the kernel prints each 32-bit word in host (little-endian) order
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+        out.append((str(ipaddress.ip_address(raw)), int(hex_port, 16)))
+    return out
+
+
+def _tcp_rows(pid: int) -> Iterator[list[str]]:
+    """The fields of every row of /proc/PID/net/tcp and tcp6 (the header lines skipped)."""
     for table in ("tcp", "tcp6"):
         try:
             lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
-            fields = line.split()
-            if len(fields) < 4 or fields[3] != "0A":  # 0A: LISTEN
-                continue
-            hex_addr, hex_port = fields[1].split(":")
-            raw = bytes.fromhex(hex_addr)
-            # the kernel prints each 32-bit word in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-            out.append((str(ipaddress.ip_address(raw)), int(hex_port, 16)))
-    return out
+            yield line.split()
 
 
 def _proc_address(hex_addr: str) -> str:
@@ -292,15 +297,9 @@ def connections(pid: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
     except OSError:
         return []
     out = []
-    for table in ("tcp", "tcp6"):
-        try:
-            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-        except OSError:
+    for fields in _tcp_rows(pid):
+        if len(fields) < 10 or fields[3] != "01" or fields[9] not in own:  # 01: ESTABLISHED; 9: inode
             continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 10 or fields[3] != "01" or fields[9] not in own:  # 01: ESTABLISHED; 9: inode
-                continue
-            (local, local_port), (remote, remote_port) = (f.split(":") for f in fields[1:3])
-            out.append(((_proc_address(local), int(local_port, 16)), (_proc_address(remote), int(remote_port, 16))))
+        (local, local_port), (remote, remote_port) = (f.split(":") for f in fields[1:3])
+        out.append(((_proc_address(local), int(local_port, 16)), (_proc_address(remote), int(remote_port, 16))))
     return out
