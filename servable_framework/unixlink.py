@@ -43,7 +43,8 @@ class LinkError(ConnectionError):
 
 def encode(frames: Sequence[Frame]) -> list[Frame]:
     """``frames`` with the length prefix in front, ready for ``writelines`` (the frames are not copied)."""
-    return [struct.pack(f"<I{len(frames)}Q", len(frames), *(len(f) for f in frames)), *frames]
+    # nbytes, not len: a memoryview of a float32 array has len() = its element count
+    return [struct.pack(f"<I{len(frames)}Q", len(frames), *(memoryview(f).nbytes for f in frames)), *frames]
 
 
 class _Protocol(asyncio.BufferedProtocol):

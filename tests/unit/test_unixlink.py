@@ -78,11 +78,15 @@ def test_large_frames_are_read_only_buffers_and_messages_round_trip(tmp_path: Pa
         client.start()
         x = np.arange(2**20, dtype=np.float32)
         client.send(Kind.RESULT, {"id": 3}, [x.view(np.uint8).data])
-        await wait_for(lambda: len(got) == 1)
+        client.send(Kind.RESULT, {"id": 4}, [x.data, b"tail"])  # a float32 memoryview: sized in bytes, not items
+        await wait_for(lambda: len(got) == 2)
         kind, header, buffers = got[0]
         assert kind is Kind.RESULT and header["id"] == 3
         y = np.frombuffer(buffers[0], dtype=np.float32)
         assert np.array_equal(x, y) and not y.flags.writeable
+        _, header, buffers = got[1]
+        assert header["id"] == 4 and np.array_equal(np.frombuffer(buffers[0], dtype=np.float32), x)
+        assert bytes(buffers[1]) == b"tail"
         assert await client.drain(5.0)
         client.stop()
         server.stop()
