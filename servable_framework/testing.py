@@ -8,6 +8,7 @@ so `marked_pids` finds anything still running, even after it was re-parented to 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,7 +16,22 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    """A TCP port on 127.0.0.1 that nobody uses right now, below the kernel's ephemeral range when it can: a port
+    from that range (what ``bind(0)`` hands out) can be taken by any outgoing connection between this check and
+    the server's own bind, which failed a CI run once ("bind to the socket address ... failed")."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    if low > 22000:
+        for _ in range(200):
+            port = random.randrange(21000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
