@@ -500,9 +500,11 @@ class Client:
         return sync.call(*request, self._deadline(), self.connect_timeout_s)
 
     def _sync_socket(self) -> _SyncSocket | None:
+        if self._channel.closed:
+            return None
         sync: _SyncSocket | None = getattr(self._local, "sync", None)
-        if sync is not None or self._channel.closed:
-            return sync if not self._channel.closed else None
+        if sync is not None:
+            return sync
         with self._sync_lock:
             if len(self._sync) >= self.SYNC_SOCKETS:
                 return None

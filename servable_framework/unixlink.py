@@ -51,9 +51,10 @@ class _Protocol(asyncio.BufferedProtocol):
     """One connection's reader: parses messages as bytes arrive, hands each to ``on_message``."""
 
     def __init__(self, on_message: OnMessage, on_lost: Callable[[_Protocol], None],
-                 identity: bytes | None = None) -> None:
+                 identity: bytes | None = None, on_identity: Callable[[_Protocol], None] | None = None) -> None:
         self.on_message = on_message
         self.on_lost = on_lost
+        self.on_identity = on_identity  # accepting side: called once the peer has named itself
         self.transport: asyncio.Transport | None = None
         self.identity = identity  # None on the accepting side until the peer's first message names it
         self._staging = bytearray(STAGING_BYTES)
@@ -142,6 +143,8 @@ class _Protocol(asyncio.BufferedProtocol):
     def _deliver(self, frames: list[Frame]) -> None:
         if self.identity is None:  # accepting side: the first message names the peer
             self.identity = bytes(frames[0])
+            if self.on_identity is not None:
+                self.on_identity(self)
             return
         try:
             self.on_message(frames)
@@ -166,18 +169,17 @@ class LinkServer:
         os.chmod(self.path, 0o600)  # the folder is 0700 already; the socket is this user's alone too
 
     def _new_protocol(self) -> _Protocol:
-        proto = _Protocol(lambda frames: None, self._lost)
-        proto.on_message = lambda frames: self._on_peer_message(proto, frames)
+        proto: _Protocol = _Protocol(lambda frames: self.on_message(cast(bytes, proto.identity), frames), self._lost,
+                                     on_identity=self._joined)
         return proto
 
-    def _on_peer_message(self, proto: _Protocol, frames: list[Frame]) -> None:
+    def _joined(self, proto: _Protocol) -> None:
+        """The peer named itself: reachable from now on (before it sends anything else)."""
         assert proto.identity is not None
-        if self.peers.get(proto.identity) is not proto:
-            old = self.peers.get(proto.identity)
-            self.peers[proto.identity] = proto
-            if old is not None and old.transport is not None:
-                old.transport.close()
-        self.on_message(proto.identity, frames)
+        old = self.peers.get(proto.identity)
+        self.peers[proto.identity] = proto
+        if old is not None and old.transport is not None:
+            old.transport.close()
 
     def _lost(self, proto: _Protocol) -> None:
         if proto.identity is not None and self.peers.get(proto.identity) is proto:

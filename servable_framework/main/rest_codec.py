@@ -218,6 +218,7 @@ _DIGIT_RUNS = bytes(0x30 if 0x30 <= i <= 0x39 else i if i == 0x2E else 0x20 for 
 # 19 digits in a row, not right after a decimal point: maybe an int beyond int64, which orjson turns into a float
 # (a fraction's digits are a float's for both parsers, and float32 values printed in full have 17-20 of them)
 _LONG_NUMBER = b"0" * 19
+_FAST_BRACKETS = 512  # a bound on the nesting depth, far below where `json` gives up
 
 
 def _long_int_digits(body: bytes) -> bool:
@@ -233,7 +234,6 @@ def _long_int_digits(body: bytes) -> bool:
             end += 1
         at = runs.find(_LONG_NUMBER, end)
     return False
-_FAST_BRACKETS = 512  # a bound on the nesting depth, far below where `json` gives up
 
 
 def _load_fast(body: bytes) -> Any:

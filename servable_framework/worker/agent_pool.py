@@ -228,7 +228,7 @@ class AgentPool:
         if generation != self.generation or self.state is PoolState.READY:
             # a late joiner of an old generation: it must leave and come back for the current one
             self._send(identity, Kind.EXIT, {"final": False, "error": "Distributed servable has ended up "
-                                                                            "registration"})
+                                                                      "registration"})
             return
         self.agents[rank] = AgentHandle(rank, identity, int(header.get("pid", 0)))
         log.info("agent rank %d registered (pid %s, generation %d), %d/%d", rank, header.get("pid"),
@@ -303,7 +303,7 @@ class AgentPool:
                 agent = self.agents[rank]
                 if rank < tp:  # stage 0 gets the inputs; later stages get them from upstream
                     self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "instances": encoded, **extra},
-                                     buffers)
+                               buffers)
                 else:
                     self._send(agent.identity, Kind.PREDICT, {"id": batch_id, "count": len(instances), **extra})
             loop = asyncio.get_running_loop()
