@@ -5,7 +5,8 @@
 Two processes (this one, rank 0, and a copy of it started as rank 1, ``--rank1``). Rank 0 times
 ``rpc_sync("rank1", add, (x1, x2))`` with the tensor_add example's 2x2 float32 inputs (``SMALL_CALLS`` calls,
 after a warm-up) and ``rpc_sync("rank1", echo, (x,))`` with one ``BIG_MIB`` MiB float32 tensor there and the same
-back (``BIG_CALLS`` calls), checks every answer, and prints one line of JSON: p50 in ms of each. This is how the
+back (``BIG_CALLS`` calls), then ``negate`` (a new tensor of the same size back), checks every answer, and
+prints one line of JSON: p50 in ms of each. This is how the
 seeds move tensors between processes; TensorPipe picks its own fastest local transport and channel.
 ``KEEP_FREED_MIB`` > 0 gives both processes the malloc tuning Main and its Workers use
 (`servable_framework.memtune.keep_freed_memory`), so that the two sides can be compared with the same setting.
@@ -29,6 +30,10 @@ def add(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
 
 def echo(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def negate(x: torch.Tensor) -> torch.Tensor:
+    return -x
 
 
 def _options(port: str) -> rpc.TensorPipeRpcBackendOptions:
@@ -75,9 +80,17 @@ def main() -> None:
             assert y.shape == x.shape and float(y[-1]) == float(x[-1])
             if i >= 1:
                 big.append(dt)
+        new: list[float] = []
+        for i in range(1 + big_calls):
+            t0 = time.perf_counter()
+            y = rpc.rpc_sync("rank1", negate, (x,))
+            dt = time.perf_counter() - t0
+            assert y.shape == x.shape and float(y[-1]) == -float(x[-1])
+            if i >= 1:
+                new.append(dt)
         rpc.shutdown()
-        print(json.dumps({"small_p50_ms": _p50(small), "big_p50_ms": _p50(big), "small_calls": len(small),
-                          "big_calls": len(big)}), flush=True)
+        print(json.dumps({"small_p50_ms": _p50(small), "big_p50_ms": _p50(big), "big_new_p50_ms": _p50(new),
+                          "small_calls": len(small), "big_calls": len(big)}), flush=True)
     finally:
         peer.wait(timeout=60)
 

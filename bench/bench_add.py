@@ -19,7 +19,12 @@ Rows of the table:
   ``torch.distributed.rpc`` ``rpc_sync`` of the same two tensors (``bench/_torch_rpc.py``: two processes,
   TensorPipe backend on localhost);
 * large tensor: one 64 MiB float32 tensor through the Client -> Main -> Worker -> back (``echo``), next to the
-  same through torch RPC and next to a plain memcpy (``np.copyto``) of 64 MiB;
+  same through torch RPC and next to a plain memcpy (``np.copyto``) of 64 MiB. The Client passes it through
+  shared memory (`servable_framework.shm`, its default for a local server): it copies the tensor into its
+  segment once, the Worker reads it in place, and ``echo``'s output, a view of the input, comes back as a
+  read-only view of the segment. Also, not in the goals: ``negate`` (a new 64 MiB output, written into the
+  reply space by the Worker) next to torch RPC's ``-x``, and ``echo`` with ``shared_memory=False`` (inline
+  frames through Main);
 * distributed MatMul (``matmul``, ``y = -(x @ W)``, 128x96 @ 96x16 over 2 Agents, the tests' servable and
   shards; body: 128x96 ones, about 53 KB of JSON) via wrk at c=8 (and c=1), next to
   ``bench/_bare_matmul_app.py`` (the joined W in one Starlette process with the same uvicorn settings).
@@ -83,9 +88,18 @@ def identity(x):
     return x
 
 
+def negative(x):
+    return -x
+
+
 @register.register_method(output_names=["y"])
 def echo(x):
     return register.add_stage(identity, x, outputs_count=1)
+
+
+@register.register_method(output_names=["y"])
+def negate(x):
+    return register.add_stage(negative, x, outputs_count=1)
 '''
 BIG_MIB = 64
 KEEP_FREED_MIB = Settings().keep_freed_mib  # Main's and its Workers' default (`servable_framework.memtune`)
@@ -174,17 +188,19 @@ def zmq_p50(address: str, calls: int) -> float:
     return median(lat) * 1e3
 
 
-def zmq_big_p50(address: str, calls: int) -> float:
-    """Round trips of one BIG_MIB MiB float32 tensor through ``echo``; answers checked; p50 ms."""
+def zmq_big_p50(address: str, calls: int, method: str = "echo", shared_memory: bool | None = None) -> float:
+    """Round trips of one BIG_MIB MiB float32 tensor through ``echo`` (or ``negate``: a new output); answers
+    checked; p50 ms. ``shared_memory``: the Client's setting (None: its default, on for this local server)."""
     x = np.arange(BIG_MIB * 2**20 // 4, dtype=np.float32)
+    sign = -1 if method == "negate" else 1
     lat = []
-    with Client(address, "echo", "echo", timeout_s=120.0) as client:
+    with Client(address, "echo", method, timeout_s=120.0, shared_memory=shared_memory) as client:
         for i in range(1 + calls):
             t0 = time.perf_counter()
             out = client.infer([{"x": x}])
             dt = time.perf_counter() - t0
             y = out[0]["y"]
-            assert y.shape == x.shape and y[-1] == x[-1] and y[12345] == x[12345]
+            assert y.shape == x.shape and y[-1] == sign * x[-1] and y[12345] == sign * x[12345]
             del out, y
             if i >= 1:
                 lat.append(dt)
@@ -298,7 +314,11 @@ def main() -> None:
             print(f"  ZMQ Client c=1 p50 {res['zmq']['p50_ms']:.3f} ms", flush=True)
         if "big" not in a.skip:
             res["zmq big"] = {"p50_ms": zmq_big_p50(f"127.0.0.1:{zmq_port}", a.big_calls)}
-            print(f"  ZMQ Client {BIG_MIB} MiB p50 {res['zmq big']['p50_ms']:.2f} ms", flush=True)
+            res["zmq big new"] = {"p50_ms": zmq_big_p50(f"127.0.0.1:{zmq_port}", a.big_calls, "negate")}
+            res["zmq big inline"] = {"p50_ms": zmq_big_p50(f"127.0.0.1:{zmq_port}", a.big_calls, "echo", False)}
+            print(f"  ZMQ Client {BIG_MIB} MiB p50 {res['zmq big']['p50_ms']:.2f} ms (echo), "
+                  f"{res['zmq big new']['p50_ms']:.2f} ms (negate: a new output), "
+                  f"{res['zmq big inline']['p50_ms']:.2f} ms (echo, shared_memory=False)", flush=True)
         if "wrk" not in a.skip:
             for c in a.concurrency:
                 for name, url in urls.items():
@@ -322,10 +342,13 @@ def main() -> None:
         rpc = torch_rpc(a.zmq_calls, a.big_calls)
         res["torch rpc"] = {"p50_ms": rpc["small_p50_ms"]}
         res["torch rpc big"] = {"p50_ms": rpc["big_p50_ms"]}
-        print(f"  torch RPC c=1 p50 {rpc['small_p50_ms']:.3f} ms, {BIG_MIB} MiB p50 {rpc['big_p50_ms']:.2f} ms")
+        res["torch rpc big new"] = {"p50_ms": rpc["big_new_p50_ms"]}
+        print(f"  torch RPC c=1 p50 {rpc['small_p50_ms']:.3f} ms, {BIG_MIB} MiB p50 {rpc['big_p50_ms']:.2f} ms "
+              f"(echo), {rpc['big_new_p50_ms']:.2f} ms (negate)")
     if "big" not in a.skip:  # the baseline with the malloc setting Main and its Workers use (both RPC processes)
         tuned = torch_rpc(200, a.big_calls, KEEP_FREED_MIB)
         res["torch rpc big keep_freed"] = {"p50_ms": tuned["big_p50_ms"]}
+        res["torch rpc big new keep_freed"] = {"p50_ms": tuned["big_new_p50_ms"]}
         print(f"  torch RPC with keep_freed_mib={KEEP_FREED_MIB}: {BIG_MIB} MiB p50 {tuned['big_p50_ms']:.2f} ms")
     if "big" not in a.skip:
         res["memcpy"] = {"p50_ms": memcpy_p50()}
@@ -367,6 +390,13 @@ def main() -> None:
         row(f"{BIG_MIB} MiB round trip p50", f, "RPC+keep_freed", tuned, "ms", "<= 1.0", f <= tuned)
         row(f"{BIG_MIB} MiB round trip p50", f, "memcpy", res["memcpy"]["p50_ms"], "ms", "<= 4.0",
             f <= 4 * res["memcpy"]["p50_ms"])
+        # not in the issue's goals: a new output (negate) on both sides, and the inline path (no shared memory)
+        f = res["zmq big new"]["p50_ms"]
+        row(f"{BIG_MIB} MiB negate p50", f, "torch RPC", res["torch rpc big new"]["p50_ms"], "ms", "-", True)
+        row(f"{BIG_MIB} MiB negate p50", f, "RPC+keep_freed", res["torch rpc big new keep_freed"]["p50_ms"], "ms",
+            "-", True)
+        f = res["zmq big inline"]["p50_ms"]
+        row(f"{BIG_MIB} MiB inline (no shm) p50", f, "torch RPC", res["torch rpc big"]["p50_ms"], "ms", "-", True)
     print()
     print(table(["measure", "framework", "baseline", "baseline value", "unit", "ratio", "goal", ""], rows))
     print("ratio: framework / baseline, measured in this run")

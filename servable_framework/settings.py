@@ -47,6 +47,9 @@ class Settings(BaseModel):
     keep_freed_mib: int = Field(512, ge=0, description="Main and its Workers keep up to this much freed memory "
                                 "mapped for reuse (glibc malloc tuning, `servable_framework.memtune`), so a large "
                                 "tensor does not page-fault in every process it crosses; 0 keeps glibc's defaults")
+    shared_memory: bool = Field(True, description="a ZMQ Client on this host may pass large tensors (1 MiB and up) "
+                                "through shared memory under /dev/shm instead of the sockets "
+                                "(`servable_framework.shm`); False refuses them and the Client sends them inline")
     agent_threads: int = Field(0, ge=0, description="torch intra-op threads of each Agent; 0 (default) shares this "
                                "host's cores among its local Agents: usable cores // local Agents, at least 1")
 

@@ -9,25 +9,35 @@ A message is a ZMQ multipart ``[kind, header, buf0, buf1, ...]``:
 A value (one input or output of one instance) is a numpy array, a ``str`` or ``bytes``.
 In a header a value is a descriptor: ``{"t": "nd", "dtype": "float32", "shape": [2, 2], "buf": 0}``,
 ``{"t": "str", "v": "text"}`` or ``{"t": "bytes", "buf": 1}``. Nothing is ever pickled.
+
+Between a co-located ZMQ Client and the Workers a large tensor may instead lie in shared memory: ``{"t": "shm",
+"seg": name, "off": offset, "dtype": ..., "shape": [...]}`` (`servable_framework.shm`). Main carries it as a
+`ShmTensor` value without touching the bytes; a decoder is told what to do with one (``shm``: the Worker maps
+it, the Client copies its output out); without that it is refused.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import msgpack
 import numpy as np
 
 from servable_framework.errors import InvalidInput
+from servable_framework.shm import REFUSED, ShmTensor, parse_tensor
 
 PROTOCOL_VERSION = 1
 
-Value = Union[np.ndarray, str, bytes]
+Value = Union[np.ndarray, str, bytes, ShmTensor]
 Instance = dict[str, Value]
 Frame = Union[bytes, memoryview]
+# what a decoder does with a shared-memory tensor (map it, copy it out, or keep the reference)
+ShmReader = Callable[[ShmTensor], Value]
+# where an encoder may place a large array instead of a frame: its descriptor, or None (send it inline)
+ShmPlacer = Callable[[np.ndarray, str], Union[dict[str, Any], None]]
 
 # dtype names on the wire; MindSpore's REST/gRPC type set (bfloat16 travels as its raw bits).
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -60,8 +70,9 @@ _KINDS = {k.value: k for k in Kind}
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}  # dtype -> wire name (``dtype.name`` is slow)
 
 
-def encode_value(value: Value, buffers: list[Frame]) -> dict[str, Any]:
-    """Describe ``value`` in a header, appending its raw buffer (if any) to ``buffers``."""
+def encode_value(value: Value, buffers: list[Frame], place: ShmPlacer | None = None) -> dict[str, Any]:
+    """Describe ``value`` in a header, appending its raw buffer (if any) to ``buffers``; ``place``: may put a
+    large array in shared memory instead (`servable_framework.shm.ReplyWriter.place`)."""
     if isinstance(value, str):
         return {"t": "str", "v": value}
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -77,13 +88,20 @@ def encode_value(value: Value, buffers: list[Frame]) -> dict[str, Any]:
             name = value.dtype.name  # a non-native byte order: copied below into a native one
             value = value.astype(DTYPES[name])
         arr = value if value.flags.c_contiguous else value.copy(order="C")  # keeps 0-d arrays 0-d
+        if place is not None:
+            placed = place(arr, name)
+            if placed is not None:
+                return placed
         buffers.append(arr.reshape(-1).view(np.uint8).data if arr.size else b"")  # .data: memoryview of the array
         return {"t": "nd", "dtype": name, "shape": list(arr.shape), "buf": len(buffers) - 1}
+    if isinstance(value, ShmTensor):
+        return value.descriptor()
     raise InvalidInput(f"Not support value type {type(value)}")
 
 
-def decode_value(desc: Any, buffers: Sequence[Frame]) -> Value:
-    """Inverse of `encode_value`. Raises `InvalidInput` on any malformed descriptor."""
+def decode_value(desc: Any, buffers: Sequence[Frame], shm: ShmReader | None = None) -> Value:
+    """Inverse of `encode_value`. Raises `InvalidInput` on any malformed descriptor, and on a shared-memory
+    tensor when ``shm`` is None."""
     if not isinstance(desc, dict):
         raise InvalidInput("malformed tensor descriptor: not a map")
     kind = desc.get("t")
@@ -92,6 +110,10 @@ def decode_value(desc: Any, buffers: Sequence[Frame]) -> Value:
         if not isinstance(text, str):
             raise InvalidInput("malformed string descriptor")
         return text
+    if kind == "shm":
+        if shm is None:
+            raise InvalidInput(f"{REFUSED}: shared memory tensors are not accepted here; send the tensors inline")
+        return shm(parse_tensor(desc, DTYPES))
     buf = _buffer(desc, buffers)
     if kind == "bytes":
         return bytes(buf)
@@ -117,18 +139,19 @@ def _buffer(desc: dict[str, Any], buffers: Sequence[Frame]) -> memoryview:
     return memoryview(buffers[index])
 
 
-def encode_instances(instances: Sequence[Instance], buffers: list[Frame]) -> list[dict[str, Any]]:
-    return [{name: encode_value(v, buffers) for name, v in inst.items()} for inst in instances]
+def encode_instances(instances: Sequence[Instance], buffers: list[Frame],
+                     place: ShmPlacer | None = None) -> list[dict[str, Any]]:
+    return [{name: encode_value(v, buffers, place) for name, v in inst.items()} for inst in instances]
 
 
-def decode_instances(raw: Any, buffers: Sequence[Frame]) -> list[Instance]:
+def decode_instances(raw: Any, buffers: Sequence[Frame], shm: ShmReader | None = None) -> list[Instance]:
     if not isinstance(raw, list):
         raise InvalidInput("malformed request: 'instances' must be a list")
     out: list[Instance] = []
     for item in raw:
         if not isinstance(item, dict) or not all(isinstance(k, str) for k in item):
             raise InvalidInput("instance should be a map")
-        out.append({k: decode_value(v, buffers) for k, v in item.items()})
+        out.append({k: decode_value(v, buffers, shm) for k, v in item.items()})
     return out
 
 

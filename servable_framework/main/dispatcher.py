@@ -42,6 +42,7 @@ from servable_framework.errors import (
 from servable_framework.main.metrics import DispatcherCollector, Metrics, Outcome, outcome_of
 from servable_framework.main.workers import StreamItem, WorkerHandle, WorkerLost, WorkerSet, WorkerState
 from servable_framework.settings import Settings
+from servable_framework.shm import ReplySpace, keep_reference
 from servable_framework.wire import Instance, Kind, decode_value, encode_instances
 from servable_framework.worker.streaming import not_streaming
 
@@ -170,9 +171,12 @@ class Dispatcher:
             self.idle.set()
 
     async def predict(self, servable: str, method: str, version: int, instances: list[Instance],
-                      timeout_s: float | None = None, *, protocol: str = "rest") -> list[Result]:
+                      timeout_s: float | None = None, *, protocol: str = "rest",
+                      reply_space: ReplySpace | None = None) -> list[Result]:
         """Run one request; returns one result (outputs or error) per instance, in order. ``protocol``: the
-        caller's label on the request's metrics."""
+        caller's label on the request's metrics. ``reply_space``: shared memory a co-located ZMQ Client offers
+        for large outputs (used when the request runs on one Worker; outputs it holds come back as
+        `ShmTensor` references)."""
         start = time.perf_counter()
         handle = self._admit(servable, method, version, instances)
         record = self.metrics.request(servable, protocol, start)
@@ -180,7 +184,7 @@ class Dispatcher:
         outcome: Outcome = "error"
         try:
             timeout = timeout_s or handle.request_timeout_s or self.settings.request_timeout_s
-            results = await self._spread(handle, method, instances, timeout)
+            results = await self._spread(handle, method, instances, timeout, reply_space)
             record.results(results)
             outcome = "ok"
             return results
@@ -266,13 +270,14 @@ class Dispatcher:
         except Exception:
             pass
 
-    async def _spread(self, first: WorkerHandle, method: str, instances: list[Instance],
-                      timeout_s: float) -> list[Result]:
-        """Run ``instances`` over the endpoint's Workers (`_plan`) within one deadline; results in order."""
+    async def _spread(self, first: WorkerHandle, method: str, instances: list[Instance], timeout_s: float,
+                      reply_space: ReplySpace | None = None) -> list[Result]:
+        """Run ``instances`` over the endpoint's Workers (`_plan`) within one deadline; results in order. The
+        reply space goes with a request that runs whole on one Worker only (chunks would share it)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         plan = self._plan(first, method, len(instances))
         if len(plan) == 1:
-            return await self._run_chunk(first, method, instances, deadline, timeout_s)
+            return await self._run_chunk(first, method, instances, deadline, timeout_s, reply_space)
         outcomes = await asyncio.gather(
             *(self._run_chunk(h, method, instances[a:b], deadline, timeout_s) for h, a, b in plan),
             return_exceptions=True)
@@ -294,7 +299,7 @@ class Dispatcher:
         return results
 
     async def _run_chunk(self, handle: WorkerHandle, method: str, instances: list[Instance], deadline: float,
-                         timeout_s: float) -> list[Result]:
+                         timeout_s: float, reply_space: ReplySpace | None = None) -> list[Result]:
         """Run ``instances`` on ``handle``; when that Worker is lost with them in flight, once more on the
         least-loaded sibling READY Worker. Raises `Unavailable` (never `WorkerLost`) naming the lost Worker when
         no sibling can take them."""
@@ -302,7 +307,8 @@ class Dispatcher:
         retried = False
         while True:
             try:
-                results = await self._call(handle, method, instances, deadline - loop.time(), timeout_s)
+                results = await self._call(handle, method, instances, deadline - loop.time(), timeout_s,
+                                           reply_space)
             except WorkerLost as exc:
                 siblings = [h for h in self._siblings(handle, method) if h is not handle]
                 if retried or not siblings or loop.time() >= deadline:
@@ -315,7 +321,7 @@ class Dispatcher:
             return results
 
     async def _call(self, handle: WorkerHandle, method: str, instances: list[Instance], wait_s: float,
-                    timeout_s: float) -> list[Result]:
+                    timeout_s: float, reply_space: ReplySpace | None = None) -> list[Result]:
         """One PREDICT to ``handle``, answered within ``wait_s`` (what is left of the request's ``timeout_s``,
         which the timeout error names)."""
         if wait_s <= 0:  # a re-run found the deadline spent
@@ -323,6 +329,8 @@ class Dispatcher:
         request_id = next(self._ids)
         buffers: list[Any] = []
         header = {"id": request_id, "method": method, "instances": encode_instances(instances, buffers)}
+        if reply_space is not None:
+            header["shm_out"] = reply_space.header()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         handle.inflight[request_id] = fut
@@ -353,7 +361,7 @@ class Dispatcher:
             if "error" in item:
                 results.append(ServingError.from_wire(item["error"]))
             else:
-                results.append({k: decode_value(v, out_buffers) for k, v in item["ok"].items()})
+                results.append({k: decode_value(v, out_buffers, keep_reference) for k, v in item["ok"].items()})
         return results
 
     def ready(self) -> dict[str, Any]:

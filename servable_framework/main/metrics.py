@@ -191,7 +191,9 @@ def _nonempty(value: Value) -> bool:
     in the last piece only and are no tokens)."""
     if isinstance(value, np.ndarray):
         return value.ndim > 0 and len(value) > 0
-    return len(value) > 0
+    if isinstance(value, (str, bytes)):
+        return len(value) > 0
+    return True  # a tensor in a client's shared memory (never streamed)
 
 
 def _tokens(value: Value) -> int:

@@ -1,7 +1,9 @@
 """The ZMQ front end (gRPC's place): a ROUTER socket feeding the same `Dispatcher` as REST.
 
 Request: ``[client-id, PREDICT, header, buf...]`` with header ``{"id", "servable", "method", "version",
-"instances": [{input: descriptor}], "timeout_s"?}`` (descriptors: `servable_framework.wire`).
+"instances": [{input: descriptor}], "timeout_s"?, "shm_out"?}`` (descriptors: `servable_framework.wire`; a
+co-located Client's large tensors may be shared-memory references, passed on to the Worker untouched, and
+``shm_out`` the reply space it offers for large outputs: `servable_framework.shm`).
 Reply: ``[client-id, RESULT, header, buf...]`` with ``{"id", "instances": [...], "error_msg": [...]}`` and
 MindSpore's three-way error semantics (contract §9): an empty list = all ok; one entry and no instances =
 the whole request failed; otherwise one entry per instance, ``code`` 0 = that instance is ok.
@@ -23,10 +25,11 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from servable_framework import curve, transport
+from servable_framework import curve, shm, transport
 from servable_framework.errors import InvalidInput, PayloadTooLarge, ServingError
 from servable_framework.main.dispatcher import Dispatcher, Result
-from servable_framework.wire import Instance, Kind, decode_instances, encode_value, unpack
+from servable_framework.shm import ShmTensor
+from servable_framework.wire import Instance, Kind, ShmReader, decode_instances, encode_value, unpack
 
 log = logging.getLogger("servable_framework.zmq")
 
@@ -48,6 +51,8 @@ class ZmqFrontend:
         curve.require_keys(address, keys, "The ZMQ front end", "Serving gRPC")
         self.dispatcher = dispatcher
         self.max_msg_bytes = max_msg_bytes
+        # Main keeps a co-located Client's shared-memory tensors as references for the Worker (None: refused)
+        self._shm_reader: ShmReader | None = shm.keep_reference if dispatcher.settings.shared_memory else None
         # libzmq drops a connection (silently) whose message exceeds MAXMSGSIZE, so it is set to the largest
         # limit a server may have (512 MB, the client's limit too) plus slack for the header: anything up to
         # that gets a proper "resource exhausted" reply from the size check in `_handle`.
@@ -103,11 +108,18 @@ class ZmqFrontend:
             timeout = header.get("timeout_s")
             if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
                 raise InvalidInput(f"invalid timeout_s {timeout!r}")
-            instances = decode_instances(header.get("instances"), buffers)
+            instances = decode_instances(header.get("instances"), buffers, self._shm_reader)
+            # shared-memory tensors pass through as references; they count towards the size limit as if they
+            # were in the message (the limit means the same for every client)
+            size += sum(v.nbytes for inst in instances for v in inst.values() if isinstance(v, ShmTensor))
+            if size > self.max_msg_bytes:
+                raise PayloadTooLarge(f"resource exhausted: message size {size} is bigger than {self.max_msg_bytes}")
             if header.get("stream") is True:
                 await self._stream(client, request_id, servable, method, version, instances, timeout)
                 return
-            results = await self.dispatcher.predict(servable, method, version, instances, timeout, protocol="zmq")
+            space = shm.parse_space(header.get("shm_out")) if self._shm_reader is not None else None
+            results = await self.dispatcher.predict(servable, method, version, instances, timeout, protocol="zmq",
+                                                    reply_space=space)
         except ServingError as exc:
             await self._reply(client, {"id": request_id, "error_msg": [error_entry(exc)]}, [])
             return

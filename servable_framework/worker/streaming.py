@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TypeGuard
+
 import numpy as np
 
 from servable_framework.errors import InvalidInput, ServingError
@@ -67,7 +69,10 @@ def accumulate(so_far: list[Value] | None, new: list[Value]) -> list[Value]:
     return out
 
 
-def _splittable(value: Value) -> bool:
+Splittable = str | bytes | np.ndarray  # an output that grows piece by piece
+
+
+def _splittable(value: Value) -> TypeGuard[Splittable]:
     return isinstance(value, (str, bytes)) or isinstance(value, np.ndarray) and value.ndim > 0
 
 
@@ -84,7 +89,7 @@ class OutputDiff:
     deltas to send, following the rules of the module docstring."""
 
     def __init__(self) -> None:
-        self.sent: dict[str, Value] = {}  # per output: everything sent so far, joined
+        self.sent: dict[str, Splittable] = {}  # per output: everything sent so far, joined
 
     def delta(self, outputs: Instance, final: bool) -> Instance | None:
         """The new part of every output. Not final: only splittable outputs, None when none has anything new
@@ -94,7 +99,8 @@ class OutputDiff:
             NotPrefixStable: final, and an output does not extend what was sent.
         """
         out: Instance = {}
-        now: Instance = {}
+        now: dict[str, Splittable] = {}
+        grew = False
         for name, value in outputs.items():
             if not _splittable(value):
                 if final:
@@ -108,9 +114,11 @@ class OutputDiff:
                     raise NotPrefixStable(f"the streamed output '{name}' is not a prefix of the final output: "
                                           f"the method's postprocess is not prefix-stable")
                 return None
-            out[name] = value[len(sent):]
+            new = value[len(sent):]
+            out[name] = new
+            grew = grew or len(new) > 0
             now[name] = value
-        if not final and not any(len(out[n]) for n in now):
+        if not final and not grew:
             return None
         self.sent.update(now)
         return out

@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq.asyncio
 
-from servable_framework import memtune, procs, transport, unixlink
+from servable_framework import memtune, procs, shm, transport, unixlink
 from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.logs import setup_logging
 from servable_framework.servable.declare import GraphRunner
@@ -67,6 +67,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.register_header: dict[str, Any] = {}
         self._model_only: dict[str, list[ModelBatcher] | None] = {}  # method -> its batchers, None: has functions
+        self.shm = shm.Mapper()  # co-located Clients' shared-memory tensors (`servable_framework.shm`)
 
     async def start(self) -> None:
         p = self.payload
@@ -169,7 +170,7 @@ class Worker:
             token = self.cancels[request_id] = CancelToken()
             if header.get("stream") is True:
                 transport.spawn(self._predict_stream(request_id, header, buffers, token))
-            elif self._loop_safe(header.get("method"), buffers):
+            elif "shm_out" not in header and self._loop_safe(header.get("method"), buffers):
                 self._predict(request_id, header, buffers, frames, token, on_loop=True)
             else:
                 self.pool.submit(self._predict, request_id, header, buffers, frames, token)
@@ -199,13 +200,16 @@ class Worker:
 
     def _predict(self, request_id: Any, header: dict[str, Any], buffers: Any, frames: Any, token: CancelToken,
                  on_loop: bool = False) -> None:
-        """PREDICT ``{"id", "method", "instances"}`` on a request thread (or ``on_loop``): run it, encode the
-        RESULT here and hand only its frames to the loop (``{"id", "results": [{"ok": outputs} | {"error":
-        ...}]}`` or ``{"id", "error"}`` for the whole request)."""
+        """PREDICT ``{"id", "method", "instances"[, "shm_out"]}`` on a request thread (or ``on_loop``): run it,
+        encode the RESULT here and hand only its frames to the loop (``{"id", "results": [{"ok": outputs} |
+        {"error": ...}]}`` or ``{"id", "error"}`` for the whole request). Shared-memory inputs are mapped, large
+        outputs go to the ``shm_out`` reply space when one is offered (`servable_framework.shm`)."""
         reply: dict[str, Any]
         out_buffers: list[Any] = []
         try:
-            instances = decode_instances(header.get("instances"), buffers)
+            instances = decode_instances(header.get("instances"), buffers, self.shm.array)
+            writer = self.shm.writer(shm.parse_space(header.get("shm_out")))
+            place = None if writer is None else writer.place
             assert self.runner is not None
             results = self.runner.run(str(header.get("method")), instances, token, None)
             encoded = []
@@ -214,7 +218,7 @@ class Worker:
                     encoded.append({"error": res.to_wire()})
                 else:
                     try:
-                        encoded.append({"ok": encode_instances([res], out_buffers)[0]})
+                        encoded.append({"ok": encode_instances([res], out_buffers, place)[0]})
                     except ServingError as exc:
                         encoded.append({"error": exc.to_wire()})
             reply = {"id": request_id, "results": encoded, "batches": self._batch_stats()}
@@ -244,7 +248,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         sender = _StreamSender(self.io, request_id, loop)
         try:
-            instances = decode_instances(header.get("instances"), buffers)
+            instances = decode_instances(header.get("instances"), buffers, self.shm.array)
             assert self.runner is not None
             await loop.run_in_executor(self.pool, self.runner.run, str(header.get("method")), instances, token,
                                        sender)
