@@ -157,3 +157,26 @@ def test_a_worker_cannot_connect_when_main_is_not_there(tmp_path: Path) -> None:
         assert not await client.drain(0.05)
 
     run(main())
+
+
+def test_messages_sent_just_before_stop_are_written(tmp_path: Path) -> None:
+    """Sends of one loop turn are written at its end; a `stop` in the same turn must write them first (a
+    Worker's last message to Main goes out just before it closes its link)."""
+
+    async def main() -> None:
+        got: list[bytes] = []
+        server = unixlink.LinkServer(str(tmp_path / "s"), lambda ident, frames: got.append(bytes(frames[0])))
+        await server.start()
+        client = unixlink.LinkClient(str(tmp_path / "s"), b"w1", lambda frames: None)
+        client.start()
+        await wait_for(lambda: b"w1" in server.peers)
+        for i in range(3):
+            client.send_frames([b"last %d" % i])
+        assert await client.drain(5)  # drain waits for the turn's messages too
+        client.send_frames([b"and one more"])
+        client.stop()
+        await wait_for(lambda: len(got) == 4)
+        assert got == [b"last 0", b"last 1", b"last 2", b"and one more"]
+        server.stop()
+
+    run(main())
