@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, cast
@@ -61,6 +62,13 @@ class LocalModel:
         self.outputs_count = _graph_outputs_count(self.module) if spec.model_format == "TorchExport" else None
         self.static_batch = self._static_batch()
         self.batch_size = self._batch_size()
+        # per input: its shape in one instance, and that shape's byte size when static (None: a dynamic dim)
+        self._instance_shapes: list[tuple[Any, int | None]] = []
+        for i, info in enumerate(self.inputs or []):
+            shape = info.shape[1:] if self._has_batch_dim(i) else info.shape
+            static = None not in shape
+            self._instance_shapes.append((shape, math.prod(cast("tuple[int, ...]", shape)) * info.dtype.itemsize
+                                          if static else None))
         if subgraph == 0:
             self._check_registered("inputs", spec.inputs_count, self.inputs_count)
             self._check_registered("outputs", spec.outputs_count, self.outputs_count)
@@ -79,7 +87,7 @@ class LocalModel:
                     val = node.meta["val"]
                     shape = tuple(int(d) if isinstance(d, int) else None for d in val.shape)
                     infos.append(InputInfo(np.dtype(str(val.dtype).removeprefix("torch.")), shape))
-            return program.module().to(self.device), infos
+            return _cache_input_checks(program.module().to(self.device)), infos
         assert self.spec.module_factory is not None
         module = self.spec.module_factory()
         module.load_state_dict(crypto.load_safetensors(path), strict=True)  # safetensors, maybe encrypted
@@ -117,10 +125,8 @@ class LocalModel:
             if value.dtype != info.dtype:
                 raise InvalidInput(f"Given model input {i} data type {value.dtype.name} not match the data type "
                                    f"{info.dtype.name} defined in model")
-            shape = info.shape[1:] if self._has_batch_dim(i) else info.shape
-            if None not in shape:
-                shape = cast("tuple[int, ...]", shape)  # no None in it: a static shape
-                expected = int(np.prod(shape, dtype=np.int64)) * info.dtype.itemsize
+            shape, expected = self._instance_shapes[i]
+            if expected is not None:
                 if value.nbytes != expected:
                     raise InvalidInput(f"Given model input {i} size {value.nbytes} not match the size {expected} "
                                        f"defined in model")
@@ -158,6 +164,47 @@ class LocalModel:
                                f"count {len(results)} defined in model (model '{self.spec.key}', "
                                f"{self.spec.registered_by})")
         return [r.detach().cpu().numpy() for r in results]
+
+
+CHECKED_SIGNATURES = 256  # input signatures (dtypes, shapes, devices) a program's input check remembers
+
+
+def _cache_input_checks(module: Any) -> Any:
+    """Run an exported program's input check once per input signature instead of on every call.
+
+    ``ExportedProgram.module()`` checks every call's inputs in a forward pre-hook (pytree structure, and the
+    shape constraints unless the graph runs its own guards, which it then still does on every call): about 40
+    of the 65 us a 2x2 ``add`` takes. What it checks depends on the inputs' structure, dtypes, shapes and
+    devices only, so a signature that passed once passes again: it is remembered (up to `CHECKED_SIGNATURES`,
+    then checked every time) and the hook is skipped for it. A torch without that hook is left as it is."""
+    try:
+        from torch.export._unlift import _check_input_constraints_pre_hook as check
+    except ImportError:
+        return module
+    hooks = getattr(module, "_forward_pre_hooks", {})
+    for key, hook in list(hooks.items()):
+        if hook is check:
+            hooks[key] = _RememberedCheck(check)
+    return module
+
+
+class _RememberedCheck:
+    """`_cache_input_checks`' stand-in for the pre-hook (same call signature: ``with_kwargs=True``)."""
+
+    def __init__(self, check: Any) -> None:
+        self.check = check
+        self.passed: set[Any] = set()
+
+    def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
+            return self.check(module, args, kwargs)
+        signature = tuple((a.dtype, a.shape, a.device) for a in args)
+        if signature in self.passed:
+            return None
+        result = self.check(module, args, kwargs)  # raises for inputs the program does not take
+        if len(self.passed) < CHECKED_SIGNATURES:
+            self.passed.add(signature)
+        return result
 
 
 def _graph_outputs_count(module: Any) -> int:
