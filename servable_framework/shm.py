@@ -307,7 +307,8 @@ class SegmentPool:
 
 class Mapper:
     """A Worker's view of its clients' segments: maps each on first use and keeps the `MAPPED_SEGMENTS` most
-    recent ones mapped (a segment its client unlinked stays valid while mapped)."""
+    recent ones mapped (a segment its client unlinked stays valid while mapped; such mappings are dropped when
+    the next new segment is mapped)."""
 
     def __init__(self, capacity: int = MAPPED_SEGMENTS) -> None:
         self.capacity = capacity
@@ -322,6 +323,10 @@ class Mapper:
                 return seg
         seg = Segment.open(name)
         with self._lock:
+            # a new client segment: drop the mappings of segments their clients removed (closed, or exited), so
+            # their memory is freed now rather than when they fall off the end
+            for gone in [n for n in self._mapped if not os.path.exists(os.path.join(SHM_DIR, n))]:
+                self._mapped.pop(gone).close()
             self._mapped[name] = seg
             while len(self._mapped) > self.capacity:
                 self._mapped.popitem(last=False)[1].close()

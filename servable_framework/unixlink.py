@@ -5,9 +5,7 @@ reconnection, CurveZMQ): what it needs is a cheap message. A ZMQ send hands the 
 (a mailbox write and a wake-up of that thread, which then does the socket write) and a receive goes the other
 way; on the 2-core VM that was the largest single cost of a small request in both processes (py-spy under
 ``wrk`` c=8: ``Socket.send`` 11 % of Main's samples and 32 % of the Worker's). Here a send is one ``writev`` from
-the loop's thread (uvloop) and a receive is the loop's own read callback. The messages sent in one loop turn (the
-replies to requests that arrived together) are written together at its end: one ``writev`` and one wake-up of the
-peer for all of them (under ``wrk`` c=8 Main wrote 4.3 messages per ``writev``). Measured with two processes echoing
+the loop's thread (uvloop) and a receive is the loop's own read callback. Measured with two processes echoing
 300-byte messages: round trip p50 26-32 us vs 82-113 us over ZMQ ``ipc://``, CPU 5-13 us vs 26-49 us per message.
 
 Wire: a message is ``<u32 n> <u64 len_0> ... <u64 len_n-1> <frame_0> ... <frame_n-1>`` (little-endian), the
@@ -66,19 +64,6 @@ class _Protocol(asyncio.BufferedProtocol):
         self._frames: list[Frame] = []
         self._direct: memoryview | None = None  # a large frame being received into its own buffer
         self._direct_at = 0
-        self._unsent: list[Frame] = []  # messages of this loop turn, written together by `_flush`
-
-    def write(self, frames: Sequence[Frame]) -> None:
-        """Queue one message for the end of this loop turn: the messages one turn sends (replies to the requests
-        that arrived together) go out in one ``writev`` and wake the peer once."""
-        if not self._unsent:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._unsent.extend(encode(frames))
-
-    def _flush(self) -> None:
-        unsent, self._unsent = self._unsent, []
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(unsent)
 
     # -- asyncio.BufferedProtocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -207,7 +192,7 @@ class LinkServer:
         proto = self.peers.get(to)
         if proto is None or proto.transport is None or proto.transport.is_closing():
             raise LinkError(f"peer {to.decode(errors='replace')} is not connected")
-        proto.write(frames)
+        proto.transport.writelines(encode(frames))
 
     def stop(self) -> None:
         for proto in list(self.peers.values()):
@@ -258,7 +243,7 @@ class LinkClient:
         if proto is None:
             self._outbox.append(frames)
         elif proto.transport is not None and not proto.transport.is_closing():
-            proto.write(frames)
+            proto.transport.writelines(encode(frames))
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until everything sent was written to the socket (at most ``timeout_s``); True when it was."""
@@ -267,7 +252,7 @@ class LinkClient:
         while loop.time() < deadline:
             proto = self._proto
             if proto is not None and (proto.transport is None or proto.transport.get_write_buffer_size() == 0) \
-                    and not self._outbox and not proto._unsent:
+                    and not self._outbox:
                 return True
             if self.lost.is_set():
                 return False
@@ -278,5 +263,4 @@ class LinkClient:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self._proto is not None and self._proto.transport is not None:
-            self._proto._flush()  # what this loop turn sent
             self._proto.transport.close()  # writes what is buffered, then closes

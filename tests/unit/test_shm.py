@@ -128,3 +128,14 @@ def test_dtypes_match_the_wire() -> None:
     for name in DTYPES:
         ref = shm.parse_tensor({"seg": shm.PREFIX + "a" * 32, "off": 0, "dtype": name, "shape": [2, 3]}, DTYPES)
         assert ref.nbytes == 6 * DTYPES[name].itemsize
+
+
+def test_mapper_drops_segments_their_clients_removed(pool) -> None:
+    mapper = shm.Mapper()
+    first = pool.lease(MB, 0)
+    mapper.array(shm.ShmTensor(first.segment.name, 0, "uint8", (MB,)))
+    first.finish(answered=False)  # unlinked by its client
+    second = pool.lease(MB, 0)
+    mapper.array(shm.ShmTensor(second.segment.name, 0, "uint8", (MB,)))
+    assert list(mapper._mapped) == [second.segment.name]
+    second.finish(answered=True)
