@@ -22,6 +22,8 @@ import itertools
 import logging
 import os
 import queue
+import socket
+import struct
 import threading
 import time
 import weakref
@@ -33,7 +35,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from servable_framework import curve, shm, transport
+from servable_framework import curve, shm, transport, unixlink
 from servable_framework.servable import checks
 from servable_framework.wire import DTYPES, Kind, Value, decode_value, encode_value, pack, unpack
 
@@ -317,6 +319,7 @@ class _SyncSocket:
         self.poller.register(self.monitor, zmq.POLLIN)
         self.busy = threading.Lock()  # held by the owning thread during a call
         self.closed = False
+        self._expect = Kind.RESULT  # the kind of message that answers the call in progress
 
     def call(self, rid: int, frames: list[Any], deadline: float, connect_timeout_s: float,
              lease: shm.Lease | None = None) -> Reply:
@@ -332,6 +335,19 @@ class _SyncSocket:
         if self.closed:  # the Client was closed during the call
             self.close()
         return reply
+
+    def ask_local(self, rid: int, deadline: float, connect_timeout_s: float) -> str | None:
+        """Main's unix socket for Clients on its host (a LOCAL message), or None: none, or no answer in time."""
+        with self.busy:
+            if self.closed:
+                return None
+            self._expect = Kind.LOCAL
+            try:
+                reply = self._call(rid, pack(Kind.LOCAL, {"id": rid}), deadline, connect_timeout_s, None)
+            finally:
+                self._expect = Kind.RESULT
+        path = reply.get("path") if isinstance(reply, dict) else None
+        return path if isinstance(path, str) and path else None
 
     def _call(self, rid: int, frames: list[Any], deadline: float, connect_timeout_s: float,
               lease: shm.Lease | None) -> Reply:
@@ -376,7 +392,11 @@ class _SyncSocket:
             got = header.get("id")
             if not isinstance(got, int):
                 return {"error": f"{INTERNAL}, malformed reply from {self.endpoint}: no request id"}
-            if got != rid or kind is not Kind.RESULT:
+            if got != rid:
+                continue
+            if self._expect is Kind.LOCAL:  # its answer, or an error from a Main that does not know LOCAL
+                return header
+            if kind is not Kind.RESULT:
                 continue
             try:
                 reply = _decode_reply(header, buffers, lease)
@@ -397,6 +417,151 @@ class _SyncSocket:
             self.sock.disable_monitor()
             self.monitor.close(0)
             self.sock.close(0)
+        finally:
+            self.busy.release()
+
+
+class _LocalSocket:
+    """`Client.infer` over Main's unix socket for Clients on its host (`ZmqFrontend.start_local`): the calling
+    thread writes and reads a blocking unix stream socket itself (`servable_framework.unixlink` framing, the same
+    messages as over ZMQ), so no libzmq I/O thread sits on either side of a call. The same rules as
+    `_SyncSocket`: the deadline, a lost connection and a malformed reply end the call at once; a reply with
+    another request id is a late answer to an earlier call of this thread: dropped. A connection on which a call
+    gave up midway (deadline) is closed: the next call connects again."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock: socket.socket | None = None
+        self.pending = bytearray()  # bytes read past the message being parsed
+        self.busy = threading.Lock()
+        self.closed = False
+
+    def connect(self, timeout_s: float) -> bool:
+        """Connect (if not connected); False when Main's socket is not there any more."""
+        if self.sock is not None:
+            return True
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(0.001, timeout_s))
+        try:
+            sock.connect(self.path)
+            sock.sendall(b"".join(unixlink.encode([os.urandom(8).hex().encode()])))  # the identity message
+        except OSError:
+            sock.close()
+            return False
+        self.sock, self.pending = sock, bytearray()
+        return True
+
+    def call(self, rid: int, frames: list[Any], deadline: float, lease: shm.Lease | None = None) -> Reply:
+        try:
+            with self.busy:
+                if self.closed or self.sock is None:
+                    return {"error": f"{UNAVAILABLE}, the client was closed"}
+                try:
+                    return self._call(self.sock, rid, frames, deadline, lease)
+                except TimeoutError:
+                    self._drop()
+                    return {"error": f"{DEADLINE}, no reply from {self.path} in time"}
+                except OSError as exc:
+                    self._drop()
+                    return {"error": f"{UNAVAILABLE}, the connection to {self.path} was lost before the reply came "
+                                     f"({exc})"}
+        finally:
+            if lease is not None:
+                lease.finish(answered=False)  # a no-op when the reply came
+            if self.closed:
+                self.close()
+
+    def _call(self, sock: socket.socket, rid: int, frames: list[Any], deadline: float,
+              lease: shm.Lease | None) -> Reply:
+        self._send(sock, [memoryview(f).cast("B") for f in unixlink.encode(frames)], deadline)
+        while True:
+            parts = self._message(sock, deadline)
+            try:
+                kind, header, buffers = unpack(parts)
+            except Exception as exc:
+                self._drop()
+                return {"error": f"{INTERNAL}, malformed reply from {self.path}: {exc}"}
+            if header.get("id") != rid or kind is not Kind.RESULT:
+                continue
+            try:
+                reply = _decode_reply(header, buffers, lease)
+            except Exception as exc:
+                return {"error": f"{INTERNAL}, malformed reply from {self.path}: {exc}"}
+            if lease is not None:
+                lease.finish(answered=_worker_done(reply))
+            return reply
+
+    def _message(self, sock: socket.socket, deadline: float) -> list[Any]:
+        """One message: ``<u32 n> <u64 len>*n <frames>``."""
+        (count,) = struct.unpack("<I", self._read(sock, 4, deadline))
+        if not 1 <= count <= unixlink.MAX_FRAMES:
+            raise OSError(f"bad frame count {count}")
+        lengths = struct.unpack(f"<{count}Q", self._read(sock, 8 * count, deadline))
+        if sum(lengths) > CLIENT_MAX_BYTES + (1 << 20):
+            raise OSError(f"a reply of {sum(lengths)} bytes")
+        return [self._read(sock, n, deadline) for n in lengths]
+
+    def _read(self, sock: socket.socket, n: int, deadline: float) -> Any:
+        """``n`` bytes: from what was read ahead, then from the socket (a large frame straight into its own
+        buffer)."""
+        if len(self.pending) >= n:
+            out = bytes(self.pending[:n])
+            del self.pending[:n]
+            return out
+        if n >= unixlink.DIRECT_BYTES:
+            buf = bytearray(n)
+            view = memoryview(buf)
+            have = len(self.pending)
+            view[:have] = self.pending
+            self.pending = bytearray()
+            while have < n:
+                self._timeout(sock, deadline)
+                got = sock.recv_into(view[have:])
+                if not got:
+                    raise OSError("connection closed")
+                have += got
+            return view.toreadonly()
+        while len(self.pending) < n:
+            self._timeout(sock, deadline)
+            chunk = sock.recv(unixlink.STAGING_BYTES)
+            if not chunk:
+                raise OSError("connection closed")
+            self.pending += chunk
+        out = bytes(self.pending[:n])
+        del self.pending[:n]
+        return out
+
+    def _send(self, sock: socket.socket, views: list[memoryview], deadline: float) -> None:
+        """Write every byte of ``views`` (``sendmsg``: tensors are not copied into one buffer first)."""
+        while views:
+            self._timeout(sock, deadline)
+            sent = sock.sendmsg(views[:512])  # IOV_MAX is 1024 on Linux
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if sent:
+                views[0] = views[0][sent:]
+
+    @staticmethod
+    def _timeout(sock: socket.socket, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+
+    def _drop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+
+    def close(self) -> None:
+        """As `_SyncSocket.close`: now when no call runs, else when the running call ends."""
+        if not self.busy.acquire(blocking=False):
+            self.closed = True
+            return
+        try:
+            self.closed = True
+            self._drop()
         finally:
             self.busy.release()
 
@@ -472,8 +637,11 @@ class Client:
         self._shm: shm.SegmentPool | None = shm.SegmentPool() if shared_memory and shm.available() else None
         if self._shm is not None:  # segments are removed at interpreter exit too, when close() was never called
             weakref.finalize(self, self._shm.close)
-        self._local = threading.local()  # this thread's _SyncSocket
+        self._local = threading.local()  # this thread's _SyncSocket (and _LocalSocket)
         self._sync: list[_SyncSocket] = []
+        self._unix: list[_LocalSocket] = []
+        # Main's unix socket for Clients on its host: asked for once (None: not yet; "": none, or not local)
+        self._local_path: str | None = None if _local(endpoint) else ""
         self._sync_lock = threading.Lock()
 
     def _request(self, instances: Any, stream: bool, inline: bool = False) -> _Request | str:
@@ -591,14 +759,41 @@ class Client:
         request = self._request(instances, stream=False)
         if isinstance(request, str):
             return {"error": request}
-        reply = sync.call(request.rid, request.frames, self._deadline(), self.connect_timeout_s, request.lease)
+        reply = self._call(sync, request)
         if request.lease is None or not _refused(reply):
             return reply
         self._no_shared_memory()
         request = self._request(instances, stream=False, inline=True)
         if isinstance(request, str):
             return {"error": request}
-        return sync.call(request.rid, request.frames, self._deadline(), self.connect_timeout_s)
+        return self._call(sync, request)
+
+    def _call(self, sync: _SyncSocket, request: _Request) -> Reply:
+        """One call on this thread: over Main's unix socket when Main is on this host, else (or when that socket
+        cannot be reached: Main restarted, so it is asked again next time) over ZMQ."""
+        deadline = self._deadline()
+        unix = self._unix_socket(sync, deadline)
+        if unix is not None:
+            return unix.call(request.rid, request.frames, deadline, request.lease)
+        return sync.call(request.rid, request.frames, deadline, self.connect_timeout_s, request.lease)
+
+    def _unix_socket(self, sync: _SyncSocket, deadline: float) -> _LocalSocket | None:
+        if self._local_path is None:
+            self._local_path = sync.ask_local(next(_Channel._ids), min(deadline, time.monotonic() + 10.0),
+                                              self.connect_timeout_s) or ""
+        path = self._local_path
+        if not path:
+            return None
+        unix: _LocalSocket | None = getattr(self._local, "unix", None)
+        if unix is None or unix.path != path:
+            unix = _LocalSocket(path)
+            with self._sync_lock:
+                self._unix.append(unix)
+            self._local.unix = unix
+        if unix.connect(self.connect_timeout_s):
+            return unix
+        self._local_path = None  # gone (Main restarted elsewhere?): ask again on the next call
+        return None
 
     def _sync_socket(self) -> _SyncSocket | None:
         if self._channel.closed:
@@ -620,8 +815,11 @@ class Client:
         self._channel.close()
         with self._sync_lock:
             sockets, self._sync = self._sync, []
+            unix, self._unix = self._unix, []
         for sync in sockets:
             sync.close()
+        for conn in unix:
+            conn.close()
         if self._shm is not None:
             self._shm.close()
 

@@ -51,8 +51,10 @@ class _Protocol(asyncio.BufferedProtocol):
     """One connection's reader: parses messages as bytes arrive, hands each to ``on_message``."""
 
     def __init__(self, on_message: OnMessage, on_lost: Callable[[_Protocol], None],
-                 identity: bytes | None = None, on_identity: Callable[[_Protocol], None] | None = None) -> None:
+                 identity: bytes | None = None, on_identity: Callable[[_Protocol], None] | None = None,
+                 max_bytes: int | None = None) -> None:
         self.on_message = on_message
+        self.max_bytes = max_bytes  # a message declaring more bytes closes the connection (None: no limit)
         self.on_lost = on_lost
         self.on_identity = on_identity  # accepting side: called once the peer has named itself
         self.transport: asyncio.Transport | None = None
@@ -117,6 +119,8 @@ class _Protocol(asyncio.BufferedProtocol):
                     return
                 self._lengths = struct.unpack_from(f"<{count}Q", self._staging, self._start + 4)
                 self._start += size
+                if self.max_bytes is not None and sum(self._lengths) > self.max_bytes:
+                    raise ValueError(f"a message of {sum(self._lengths)} bytes, over the limit {self.max_bytes}")
             while len(self._frames) < len(self._lengths):
                 length = self._lengths[len(self._frames)]
                 available = self._end - self._start
@@ -153,13 +157,16 @@ class _Protocol(asyncio.BufferedProtocol):
 
 
 class LinkServer:
-    """Main's end: Workers connect to a unix socket at ``path``; ``on_message(identity, frames)`` gets every
-    message, ``send(..., to=identity)`` answers (as a ZMQ ROUTER would, raising `LinkError` when that peer is not
-    connected). A peer that connects again under the same identity (a restarted Worker) replaces the old one."""
+    """Main's end: Workers (and local Clients, `servable_framework.main.zmq_frontend`) connect to a unix socket at
+    ``path``; ``on_message(identity, frames)`` gets every message, ``send(..., to=identity)`` answers (as a ZMQ
+    ROUTER would, raising `LinkError` when that peer is not connected). A peer that connects again under the same
+    identity (a restarted Worker) replaces the old one. ``max_bytes``: a larger message closes its connection."""
 
-    def __init__(self, path: str, on_message: Callable[[bytes, list[Frame]], None]) -> None:
+    def __init__(self, path: str, on_message: Callable[[bytes, list[Frame]], None],
+                 max_bytes: int | None = None) -> None:
         self.path = path
         self.on_message = on_message
+        self.max_bytes = max_bytes
         self.peers: dict[bytes, _Protocol] = {}
         self._server: asyncio.AbstractServer | None = None
 
@@ -170,7 +177,7 @@ class LinkServer:
 
     def _new_protocol(self) -> _Protocol:
         proto: _Protocol = _Protocol(lambda frames: self.on_message(cast(bytes, proto.identity), frames), self._lost,
-                                     on_identity=self._joined)
+                                     on_identity=self._joined, max_bytes=self.max_bytes)
         return proto
 
     def _joined(self, proto: _Protocol) -> None:

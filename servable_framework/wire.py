@@ -59,6 +59,7 @@ class Kind(bytes, enum.Enum):
     PONG = b"h"  # heartbeat answer
     EXIT = b"X"  # "stop now" (parent -> child) or "I am stopping" (child -> parent)
     CONFIG = b"C"  # agent startup -> distributed worker: ask for / answer with the agent config
+    LOCAL = b"L"  # ZMQ client -> main: where is your local (unix socket) front end? main -> client: its path
     # data plane
     PREDICT = b"P"  # a request (or a batch) to run
     RESULT = b"r"  # its answer

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -132,6 +133,8 @@ class Master:
         async def make() -> ZmqFrontend:
             front = ZmqFrontend(self.ctx, address, self.dispatcher, max_msg_bytes, keys)
             front.run()
+            # Clients on this host call over a unix socket next to the Workers' one (private 0700 folder)
+            await front.start_local(os.path.dirname(self.workers.address))
             return front
 
         try:

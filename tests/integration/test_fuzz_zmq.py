@@ -140,8 +140,12 @@ class ScriptedServer:
         self.ready.set()
         try:
             while sock.poll(10_000):
-                client, _kind, header, *_ = sock.recv_multipart()
-                frames = self.reply(client, msgpack.unpackb(header, raw=False).get("id"))
+                client, kind, header, *_ = sock.recv_multipart()
+                rid = msgpack.unpackb(header, raw=False).get("id")
+                if kind == b"L":  # a local Client asks for Main's unix socket first: this server has none
+                    sock.send_multipart([client, b"L", _reply_header(id=rid, path=None)])
+                    continue
+                frames = self.reply(client, rid)
                 if frames is None:
                     return  # hang up with the call pending
                 for message in frames if frames and isinstance(frames[0], list) else [frames]:
