@@ -13,7 +13,9 @@ Rows of the table:
 
 * REST via ``wrk`` (one thread, keep-alive, ``POST /model/add:add_common`` with MindSpore's JSON body of two 2x2
   float32 inputs from a Lua script): c=1 p50 latency (wrk ``--latency``), c=8 and c=32 req/s. For each
-  concurrency the bare app and the framework run back to back, after a 1 s warm-up each;
+  concurrency the bare app and the framework run in turn, ``--rounds`` times each (a 1 s warm-up before every
+  run), and the run with the median req/s of each side counts (all rounds are in the JSON): the host's speed
+  drifts within minutes, and alternating rounds expose both sides to the same drift;
 * REST via a Python closed loop (one thread, a keep-alive ``httpx.Client``, every answer checked) at c=1: p50;
 * ZMQ: `servable_framework.client.Client` round trip at c=1 (p50, every answer checked) next to a
   ``torch.distributed.rpc`` ``rpc_sync`` of the same two tensors (``bench/_torch_rpc.py``: two processes,
@@ -33,8 +35,8 @@ Set-up: ``wrk`` comes from Debian's packages (``apt-get install -y wrk``); the b
 when it is missing. The servers, ``wrk`` and this process share the CPUs: check the load (printed) and run it
 twice before trusting a ratio.
 
-    .venv/bin/python bench/bench_add.py [--seconds 5] [--concurrency 1 8 32] [--zmq-calls 2000] [--big-calls 5]
-                                        [--skip wrk python zmq big matmul]
+    .venv/bin/python bench/bench_add.py [--seconds 5] [--rounds 3] [--concurrency 1 8 32] [--zmq-calls 2000]
+                                        [--big-calls 5] [--skip wrk python zmq big matmul]
 
 Writes bench/results/bench_add.json.
 """
@@ -142,6 +144,27 @@ def run_wrk(url: str, concurrency: int, seconds: float, script: Path) -> dict:
             "errors": (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)}
 
 
+def wrk_rounds(urls: dict[str, str], concurrency: int, seconds: float, script: Path, rounds: int,
+               label: str = "") -> dict[str, dict]:
+    """``rounds`` wrk runs of each URL at ``concurrency``, the URLs alternating (bare, framework, bare, ...), each
+    after a 1 s warm-up; per URL the run with the median req/s (its p50/p99 with it), and every round's req/s.
+    The host's speed drifts by 20-50 % within minutes here: alternating rounds let both sides see the same drift."""
+    runs: dict[str, list[dict]] = {name: [] for name in urls}
+    for _ in range(rounds):
+        for name, url in urls.items():
+            run_wrk(url, concurrency, 1, script)  # warm-up
+            r = run_wrk(url, concurrency, seconds, script)
+            runs[name].append(r)
+            print(f"  wrk {label}{name:9s} c={concurrency:<3d} {r['rps']:9.1f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                  f"p99 {r['p99_ms']:.3f} ms  ({r['requests']} req, {r['errors']} errors)", flush=True)
+    out = {}
+    for name, rs in runs.items():
+        ordered = sorted(rs, key=lambda r: r["rps"])
+        out[name] = {**ordered[len(ordered) // 2], "rounds_rps": [r["rps"] for r in rs],
+                     "rounds_p50_ms": [r["p50_ms"] for r in rs]}
+    return out
+
+
 def check_rest(base_url: str) -> None:
     """The body wrk sends gets the right answer (wrk itself only counts statuses)."""
     r = httpx.post(base_url + URL_PATH, content=BODY, headers={"Content-Type": "application/json"}, timeout=30)
@@ -230,7 +253,7 @@ def torch_rpc(small_calls: int, big_calls: int, keep_freed_mib: int = 0) -> dict
 MATMUL_RANKS = 2
 
 
-def matmul_part(tmp: Path, lua_dir: Path, seconds: float, procs: list[Proc]) -> dict[str, dict]:
+def matmul_part(tmp: Path, lua_dir: Path, seconds: float, procs: list[Proc], rounds: int) -> dict[str, dict]:
     """Main + Distributed Worker + 2 Agents serving the tests' `matmul`, and the bare app, under wrk."""
     from tests.conftest import EXAMPLES, MATMUL_CONFIG, _load, write_rank_table
 
@@ -262,11 +285,10 @@ def matmul_part(tmp: Path, lua_dir: Path, seconds: float, procs: list[Proc]) -> 
                       f'"application/json"\n')
     out: dict[str, dict] = {}
     for c in (1, 8):
-        for name, url in urls.items():
-            run_wrk(url + "/model/matmul:predict", c, 1, script)  # warm-up
-            out[f"wrk matmul {name} c={c}"] = r = run_wrk(url + "/model/matmul:predict", c, seconds, script)
-            print(f"  wrk matmul {name:9s} c={c:<3d} {r['rps']:9.1f} req/s  p50 {r['p50_ms']:.3f} ms  "
-                  f"({r['requests']} req, {r['errors']} errors)", flush=True)
+        got = wrk_rounds({name: url + "/model/matmul:predict" for name, url in urls.items()}, c, seconds, script,
+                         rounds, "matmul ")
+        for name, r in got.items():
+            out[f"wrk matmul {name} c={c}"] = r
     check_alive(procs)
     return out
 
@@ -278,6 +300,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0, help="seconds of each wrk run")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--rounds", type=int, default=3, help="wrk runs of each side per row, alternating; the median "
+                    "run counts")
     ap.add_argument("--zmq-calls", type=int, default=2000, help="measured 2x2 round trips (ZMQ, torch RPC, httpx)")
     ap.add_argument("--big-calls", type=int, default=5, help=f"measured {BIG_MIB} MiB round trips")
     ap.add_argument("--skip", nargs="*", default=[], choices=["wrk", "python", "zmq", "big", "matmul"],
@@ -321,11 +345,10 @@ def main() -> None:
                   f"{res['zmq big inline']['p50_ms']:.2f} ms (echo, shared_memory=False)", flush=True)
         if "wrk" not in a.skip:
             for c in a.concurrency:
-                for name, url in urls.items():
-                    run_wrk(url + URL_PATH, c, 1, script)  # warm-up
-                    res[f"wrk {name} c={c}"] = r = run_wrk(url + URL_PATH, c, a.seconds, script)
-                    print(f"  wrk {name:9s} c={c:<3d} {r['rps']:9.1f} req/s  p50 {r['p50_ms']:.3f} ms  "
-                          f"p99 {r['p99_ms']:.3f} ms  ({r['requests']} req, {r['errors']} errors)", flush=True)
+                got = wrk_rounds({name: url + URL_PATH for name, url in urls.items()}, c, a.seconds, script,
+                                 a.rounds)
+                for name, r in got.items():
+                    res[f"wrk {name} c={c}"] = r
         if "python" not in a.skip:
             for name, url in urls.items():
                 res[f"httpx {name}"] = {"p50_ms": python_rest_p50(url, a.zmq_calls)}
@@ -334,7 +357,7 @@ def main() -> None:
         stop_all(procs)
         procs = []
         if "matmul" not in a.skip:
-            res.update(matmul_part(tmp, script.parent, a.seconds, procs))
+            res.update(matmul_part(tmp, script.parent, a.seconds, procs, a.rounds))
     finally:
         stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
