@@ -1,20 +1,22 @@
 """Shared-memory tensors between a ZMQ `Client` and the Workers on the same host.
 
 A large tensor (`MIN_BYTES` and up) of a co-located Client does not travel through the sockets (Client -> Main ->
-Worker -> Main -> Client: eight kernel copies of 64 MiB): the Client writes it once into a segment of its own
-under ``/dev/shm`` and sends a reference, ``{"t": "shm", "seg": name, "off": offset, "dtype": ..., "shape":
-[...]}`` (`ShmTensor`). Main passes references on untouched; the Worker maps the segment and hands the stages a
-read-only view, no copy. The request also offers the rest of the segment as reply space (header ``"shm_out"``:
+Worker -> Main -> Client: eight kernel copies of 64 MiB): the Client writes it once into a segment of its own under
+``/dev/shm`` and sends a reference, ``{"t": "shm", "seg": name, "off": offset, "dtype": ..., "shape": [...]}``
+(`ShmTensor`). Main passes references on untouched; the Worker maps the segment and hands the stages a read-only
+view, no copy. The request also offers the rest of the segment as reply space (header ``"shm_out"``:
 `ReplySpace`); the Worker writes each large output there (or, when an output is a view of the Client's own
-segment already, names where it lies, no copy) and the Client copies it out. Small tensors stay inline.
+segment already, names where it lies, no copy), and the Client returns read-only views of the segment. Small
+tensors stay inline.
 
-Safety: segment names are ``sf-shm-`` + 128 random bits (`NAME`, checked before a name reaches the file
-system), created ``0600``; a reference is bounds-checked against the segment's size; a Worker writes only
-into the reply space of the request it answers. A Client reuses a segment only after the Worker answered its call with results
-(and the outputs that are views of it are gone): the segment of a call that timed out or failed as a whole is
-unlinked, never reused, so a Worker still running it cannot write into a later call's tensors. Where the Worker cannot open the segment (another host, another
-container's ``/dev/shm``) or Main refuses references (setting ``shared_memory=False``), the request fails with
-an error containing `REFUSED`; the Client then sends the tensors inline and stops trying.
+Safety: segment names are ``sf-shm-<pid>-`` + 128 random bits (`NAME`, checked before a name reaches the file
+system), created ``0600``; a new Client removes the segments of Client processes that died without closing; a
+reference is bounds-checked against the segment's size; a Worker writes only into the reply space of the request
+it answers. A Client reuses a segment only after the Worker answered its call with results and the outputs that
+are views of it are gone: the segment of a call that timed out or failed as a whole is unlinked, never reused,
+so a Worker still running it cannot write into a later call's tensors. Where the Worker cannot open the segment
+(another host, another container's ``/dev/shm``) or Main refuses references (setting ``shared_memory=False``),
+the request fails with an error containing `REFUSED`; the Client then sends the tensors inline and stops trying.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from servable_framework.errors import InvalidInput
 
 SHM_DIR = "/dev/shm"
 PREFIX = "sf-shm-"
-NAME = re.compile(r"sf-shm-[0-9a-f]{32}")
+NAME = re.compile(r"sf-shm-[0-9]{1,10}-[0-9a-f]{32}")  # sf-shm-<creating pid>-<128 random bits>
 MIN_BYTES = 1 << 20  # below this a tensor travels inline: a reference and a mapping cost more than the copy
 ALIGN = 64  # tensors start on cache-line boundaries
 REFUSED = "shared memory unavailable"  # in the error text of a request whose references cannot be served
@@ -136,7 +138,7 @@ class Segment:
     @classmethod
     def create(cls, size: int) -> Segment:
         """A new segment of ``size`` bytes with a fresh random name (mode 0600)."""
-        name = PREFIX + secrets.token_hex(16)
+        name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(16)}"
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
@@ -243,12 +245,36 @@ class Lease:
         self._owner = None  # the outputs hold it now; its finalizer gives the segment back
 
 
+def remove_stale() -> None:
+    """Remove the segments of Client processes that are gone without closing (killed): a name carries its
+    creator's pid, and a segment whose process no longer exists is nobody's. Best effort; called when a pool is
+    made."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        if not NAME.fullmatch(name):
+            continue
+        pid = int(name[len(PREFIX):].split("-", 1)[0])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
+        except OSError:  # alive, but another user's
+            pass
+
+
 class SegmentPool:
     """A Client's segments: a call takes an idle one big enough (or a new one) and gives it back once answered.
     Thread-safe. `close` unlinks every segment, also those that outputs still use (their memory stays valid);
     the Client calls it on close and at interpreter exit."""
 
     def __init__(self) -> None:
+        remove_stale()
         self._idle: list[Segment] = []
         self._names: set[str] = set()  # every segment not unlinked yet
         # re-entrant: a segment comes back from a finalizer, which the garbage collector may run anywhere

@@ -133,8 +133,10 @@ class Master:
         async def make() -> ZmqFrontend:
             front = ZmqFrontend(self.ctx, address, self.dispatcher, max_msg_bytes, keys)
             front.run()
-            # Clients on this host call over a unix socket next to the Workers' one (private 0700 folder)
-            await front.start_local(os.path.dirname(self.workers.address))
+            # Clients on this host call over a unix socket next to the Workers' one (private 0700 folder); not
+            # with CurveZMQ keys: there only a Client holding an authorized key may call, which a socket cannot ask
+            if keys is None:
+                await front.start_local(os.path.dirname(self.workers.address))
             return front
 
         try:

@@ -202,7 +202,7 @@ def test_malformed_references_get_errors_and_the_server_keeps_serving(big_server
     good = {"t": "shm", "seg": lease.segment.name, "off": 0, "dtype": "float32", "shape": [MB // 4]}
     cases = [
         ({**good, "off": MB * 2}, "out of bounds"),
-        ({**good, "seg": shm.PREFIX + "f" * 32}, shm.REFUSED),
+        ({**good, "seg": shm.PREFIX + "1-" + "f" * 32}, shm.REFUSED),
         ({**good, "seg": "/etc/passwd"}, "bad segment name"),
         ({**good, "shape": "x"}, "malformed tensor shape"),
     ]
@@ -216,7 +216,7 @@ def test_malformed_references_get_errors_and_the_server_keeps_serving(big_server
             assert reply["id"] == i and text in reply["error_msg"][0]["msg"], reply
         # a reply space that is not a segment of this host: the request fails as a whole, with the fallback text
         header = {"v": PROTOCOL_VERSION, "id": 9, "servable": "big", "method": "echo", "version": 0,
-                  "instances": [{"x": good}], "shm_out": {"seg": shm.PREFIX + "e" * 32, "off": 0, "size": MB}}
+                  "instances": [{"x": good}], "shm_out": {"seg": shm.PREFIX + "1-" + "e" * 32, "off": 0, "size": MB}}
         sock.send_multipart([b"P", msgpack.packb(header)])
         reply = msgpack.unpackb(sock.recv_multipart()[1])
         assert shm.REFUSED in reply["error_msg"][0]["msg"], reply

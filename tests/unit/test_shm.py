@@ -62,7 +62,7 @@ def test_references_are_checked(pool) -> None:
         ({**good, "off": lease.segment.size}, "out of bounds"),
         ({**good, "shape": [MB]}, "out of bounds"),
         ({**good, "seg": "../../etc/passwd"}, "bad segment name"),
-        ({**good, "seg": shm.PREFIX + "0" * 32}, shm.REFUSED),  # well formed, but no such segment
+        ({**good, "seg": shm.PREFIX + "1-" + "0" * 32}, shm.REFUSED),  # well formed, but no such segment
         ({**good, "dtype": "object"}, "Unknown data type"),
         ({**good, "shape": [-1]}, "malformed tensor shape"),
         ({**good, "off": True}, "bad offset"),
@@ -126,7 +126,7 @@ def test_mapper_keeps_a_bounded_number_of_segments(pool) -> None:
 
 def test_dtypes_match_the_wire() -> None:
     for name in DTYPES:
-        ref = shm.parse_tensor({"seg": shm.PREFIX + "a" * 32, "off": 0, "dtype": name, "shape": [2, 3]}, DTYPES)
+        ref = shm.parse_tensor({"seg": shm.PREFIX + "1-" + "a" * 32, "off": 0, "dtype": name, "shape": [2, 3]}, DTYPES)
         assert ref.nbytes == 6 * DTYPES[name].itemsize
 
 
@@ -139,3 +139,19 @@ def test_mapper_drops_segments_their_clients_removed(pool) -> None:
     mapper.array(shm.ShmTensor(second.segment.name, 0, "uint8", (MB,)))
     assert list(mapper._mapped) == [second.segment.name]
     second.finish(answered=True)
+
+
+def test_segments_of_dead_clients_are_removed_by_the_next_client() -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; from servable_framework import shm; p = shm.SegmentPool(); "
+                            "l = p.lease(1 << 20, 0); print(l.segment.name); os._exit(0)"],
+                           capture_output=True, text=True, check=True, cwd=os.getcwd())
+    name = child.stdout.strip()
+    assert shm.NAME.fullmatch(name) and _exists(name)  # left behind: its process exited without closing
+    pool = shm.SegmentPool()  # a new Client's pool
+    try:
+        assert not _exists(name)
+    finally:
+        pool.close()
