@@ -95,6 +95,18 @@ def _decode_reply(header: dict[str, Any], buffers: Any, lease: shm.Lease | None 
     return out
 
 
+def _take_reply(header: dict[str, Any], buffers: Any, lease: shm.Lease | None, source: str) -> Reply:
+    """A call's RESULT decoded (an error reply when it cannot be), its shared-memory lease finished; on a decode
+    error the lease is left to the caller, which discards it."""
+    try:
+        reply = _decode_reply(header, buffers, lease)
+    except Exception as exc:
+        return {"error": f"{INTERNAL}, malformed reply from {source}: {exc}"}
+    if lease is not None:
+        lease.finish(answered=_worker_done(reply))
+    return reply
+
+
 def _worker_done(reply: Reply) -> bool:
     """Whether a reply shows the Worker done with the call's shared memory: results came. A whole-request error
     may come from Main while the Worker still runs (a timeout, a lost Worker): its segment is never reused."""
@@ -398,13 +410,7 @@ class _SyncSocket:
                 return header
             if kind is not Kind.RESULT:
                 continue
-            try:
-                reply = _decode_reply(header, buffers, lease)
-            except Exception as exc:
-                return {"error": f"{INTERNAL}, malformed reply from {self.endpoint}: {exc}"}
-            if lease is not None:
-                lease.finish(answered=_worker_done(reply))
-            return reply
+            return _take_reply(header, buffers, lease, self.endpoint)
 
     def close(self) -> None:
         """Close now when no call runs; else the running call ends as it would (reply, deadline) and then
@@ -483,13 +489,7 @@ class _LocalSocket:
                 return {"error": f"{INTERNAL}, malformed reply from {self.path}: {exc}"}
             if header.get("id") != rid or kind is not Kind.RESULT:
                 continue
-            try:
-                reply = _decode_reply(header, buffers, lease)
-            except Exception as exc:
-                return {"error": f"{INTERNAL}, malformed reply from {self.path}: {exc}"}
-            if lease is not None:
-                lease.finish(answered=_worker_done(reply))
-            return reply
+            return _take_reply(header, buffers, lease, self.path)
 
     def _message(self, sock: socket.socket, deadline: float) -> list[Any]:
         """One message: ``<u32 n> <u64 len>*n <frames>``."""
