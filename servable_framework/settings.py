@@ -31,6 +31,9 @@ class Settings(BaseModel):
     max_enqueued_requests: int = Field(10000, ge=1, description="requests admitted at once; above: 503")
     max_instances_per_request: int = Field(1024, ge=1)
     worker_restart_max: int = Field(3, ge=0, description="restarts of a dead Worker before giving up")
+    restart_reset_s: float = Field(600.0, gt=0, description="a Worker (or an Agent) that ran this long since its "
+                                   "last (re)start gets its whole restart budget back when it dies: the budget "
+                                   "stops crash loops, not a process that fails once a day")
     worker_start_timeout_s: float = Field(600.0, gt=0, description="deadline for a local Worker to register")
     graceful_timeout_s: float = Field(10.0, ge=0, description="drain period on SIGTERM, and SIGTERM->SIGKILL wait")
     log_dir: str = Field("serving_logs", description="Worker logs, relative to the CWD")

@@ -7,7 +7,8 @@ supervisor thread (non-daemon: it keeps ``serving_agent.py`` alive) restarts Age
 
 * an Agent that exits with `EXIT_REJOIN` (its group broke, or the Worker vanished) is started again for the
   next generation, with a fresh config;
-* an Agent that crashed or was killed is restarted with back-off, at most ``max_restarts`` times per rank;
+* an Agent that crashed or was killed is restarted with back-off, at most ``max_restarts`` times in a row per
+  rank; a rank that served `Settings.restart_reset_s` since its last restart has its whole budget again;
 * exit code 0 means the servable was stopped: the supervisor stops everything and ends; so does an EXIT
   the Worker sends over the `WorkerLink` when it stops for good (it reaches Agents between generations too).
 
@@ -22,6 +23,7 @@ import select
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +73,8 @@ class _AgentProc:
     model_files: list[str]
     child: procs.Child
     status_r: int
-    restarts: int = 0
+    restarts: int = 0  # restarts in a row (see `Settings.restart_reset_s`)
+    ready_at: float | None = None  # monotonic time this process said ready
 
 
 @dataclass
@@ -99,6 +102,7 @@ class AgentSupervisor:
         # torch threads per Agent: SERVABLE_AGENT_THREADS, else this host's cores shared among its Agents
         self.threads = settings.agent_thread_count(len(ranks))
         self.use_standby = settings.agent_standby
+        self.restart_reset_s = settings.restart_reset_s
         self.standby: dict[int, _Process] = {}  # rank -> its pre-started replacement (see Settings.agent_standby)
         self._standby_lock = threading.Lock()
 
@@ -155,6 +159,7 @@ class AgentSupervisor:
                 agent = waiting.pop(fd)
                 line = os.read(fd, 8192)
                 if line.startswith(b"R"):
+                    agent.ready_at = time.monotonic()
                     log.info("Child %d: rank %d ready", agent.rank, agent.rank)
                     continue
                 error = line[1:].decode(errors="replace").strip() if line.startswith(b"F") else \
@@ -178,8 +183,11 @@ class AgentSupervisor:
             readable, _, _ = select.select(list(fds), [], [], 0.5)
             for fd in readable:
                 agent = fds[fd]
-                if os.read(fd, 8192):
-                    continue  # a status line ("ready" after a restart)
+                line = os.read(fd, 8192)
+                if line:  # a status line: "ready" after a restart
+                    if line.startswith(b"R"):
+                        agent.ready_at = time.monotonic()
+                    continue
                 os.close(fd)
                 self._on_exit(agent, agent.child.proc.wait())
         self.link.close()
@@ -194,6 +202,11 @@ class AgentSupervisor:
             self.stop_all()
             return
         restarts = agent.restarts
+        served_s = time.monotonic() - agent.ready_at if agent.ready_at is not None else 0.0
+        if restarts and served_s >= self.restart_reset_s:
+            log.info("rank %d served for %.0f s since its last restart: its restart budget is whole again",
+                     agent.rank, served_s)
+            restarts = 0
         lost: list[dict[str, Any]] = []
         if code != EXIT_REJOIN:
             # tell the Worker now, not after its heartbeat timeout: in-flight requests fail at once

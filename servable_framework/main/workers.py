@@ -5,9 +5,10 @@ or reports that its Agents failed, every request in flight on it fails at once w
 cause (`WorkerLost` when the Worker itself is gone, so that the Dispatcher can re-run the request on a sibling
 Worker), and it is restarted (bounded, with back-off) unless Main is stopping. The back-off is a due time
 that the monitor loop checks on its ticks, never a sleep inside it: heartbeats to the other Workers go on
-while one Worker waits for its restart. A Worker whose restart budget is spent stays DEAD (``given_up``); an
-endpoint (servable, version) with every Worker given up is reported by `WorkerSet.lost` (``/health`` answers
-503 with it). All methods run on Main's event loop thread.
+while one Worker waits for its restart. A Worker whose restart budget is spent stays DEAD (``given_up``); the
+budget is whole again for a Worker that served `Settings.restart_reset_s` since its last restart (it stops crash
+loops, not rare crashes); an endpoint (servable, version) with every Worker given up is reported by
+`WorkerSet.lost` (``/health`` answers 503 with it). All methods run on Main's event loop thread.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class WorkerHandle:
     # pieces, then the RESULT), or the error that failed them
     streams: dict[int, asyncio.Queue[StreamItem]] = field(default_factory=dict)
     started: asyncio.Future[None] | None = None
-    restarts: int = 0
+    restarts: int = 0  # restarts in a row, each dying before it ran `Settings.restart_reset_s`
+    ready_at: float | None = None  # monotonic time its current process registered (None: not yet)
     restart_due: float | None = None  # monotonic time of the scheduled restart (DEAD, budget left)
     given_up: bool = False  # DEAD for good: its restart budget is spent
     batch_size: int = 0  # the smallest model batch size of its servable, from its REGISTER (0: no model)
@@ -145,6 +147,7 @@ class WorkerSet:
     def _launch(self, handle: WorkerHandle) -> None:
         handle.state = WorkerState.STARTING
         handle.restart_due = None
+        handle.ready_at = None
         handle.reason = ""  # a start error (FAILED) of this launch may fill it
         if handle.started is None:  # only the first start is awaited (start_servables); restarts are not
             handle.started = asyncio.get_running_loop().create_future()
@@ -208,6 +211,7 @@ class WorkerSet:
             handle.batch_size = int(header.get("batch_size", 0) or 0)
             handle.payload["version"] = int(header.get("version", handle.version))  # 0 resolved to a real one
             handle.state = WorkerState.READY
+            handle.ready_at = time.monotonic()
             handle.reason = ""
             log.info("Register success: %s ready", handle.label)
             if handle.started is not None and not handle.started.done():
@@ -315,6 +319,11 @@ class WorkerSet:
         if self.stopping or first_start:
             return
         log.error("%s", reason)
+        served_s = now - handle.ready_at if handle.ready_at is not None else 0.0
+        if handle.restarts and served_s >= self.settings.restart_reset_s:
+            log.info("%s served for %.0f s since its last restart: its restart budget is whole again", handle.label,
+                     served_s)
+            handle.restarts = 0
         if handle.restarts >= self.settings.worker_restart_max:
             handle.given_up = True
             log.error("%s: restart limit (%d) reached, giving up", handle.label, self.settings.worker_restart_max)

@@ -21,7 +21,6 @@ extend what was sent nothing is sent; a final output that does not extend it fai
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TypeGuard
 
 import numpy as np

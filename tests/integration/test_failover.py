@@ -235,3 +235,37 @@ def test_health_turns_unhealthy_once_the_restart_budget_is_spent(servers, echo_d
     assert r.status_code == 503 and "servable is not available" in r.json()["error_msg"]
     assert server.alive() and not worker_pids(server)
     assert rest.get("/ready").status_code == 503
+
+
+def test_restart_budget_is_whole_again_after_a_worker_served_a_while(servers, echo_dir) -> None:
+    """Budget 1, reset after 2 s of serving: a Worker killed after serving for longer than that is restarted
+    again (the budget stops crash loops, not rare crashes); killed at once after that restart registered, it is
+    given up, so the budget still bounds a crash loop."""
+    server, rest = start_main(servers, echo_dir, "failover_echo", [0], SERVABLE_WORKER_RESTART_MAX="1",
+                              SERVABLE_RESTART_RESET_S="2")
+    pids = worker_pids(server)
+
+    def restart_of(gone: list[int]) -> int:
+        def fresh() -> bool:
+            now = [p for p in worker_pids(server) if p not in gone]
+            return bool(now) and registered(server, now[0])
+
+        wait_until(fresh, 90, "the Worker's restart to register")
+        return next(p for p in worker_pids(server) if p not in gone)
+
+    os.kill(pids[0], signal.SIGKILL)  # restart 1 of 1
+    pids.append(restart_of(pids))
+    served_since = time.monotonic()
+    answered = 0
+    while time.monotonic() - served_since < 3.0:  # serve past restart_reset_s (the duration is what is tested)
+        assert answered_by(rest.post("/model/failover_echo:echo", echo_body(float(answered))),
+                           float(answered)) == pids[-1]
+        answered += 1
+    os.kill(pids[-1], signal.SIGKILL)  # beyond the budget, but it served for 3 s: restarted
+    pids.append(restart_of(pids))
+    assert "its restart budget is whole again" in server.log()
+    assert answered_by(rest.post("/model/failover_echo:echo", echo_body(7.0)), 7.0) == pids[-1]
+    os.kill(pids[-1], signal.SIGKILL)  # at once: the renewed budget (1) is spent
+    wait_until(lambda: "restart limit (1) reached, giving up" in server.log(), 30, "Main to give up")
+    assert rest.get("/health").status_code == 503 and server.alive()
+    assert server.log().count("its restart budget is whole again") == 1

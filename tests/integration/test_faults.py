@@ -8,6 +8,7 @@ where an Agent is concerned), readiness, recovery or a clean stop, and that no p
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -254,3 +255,33 @@ def test_hung_rank_is_detected_by_the_step_timeout(servers, matmul_dir) -> None:
     wait_until(lambda: rest.is_ready(), 60, "the group to re-form")
     assert correct(predict(rest))
     stop_and_check(server, agents)
+
+
+def test_agent_restart_budget_is_whole_again_after_it_served_a_while(servers, matmul_dir) -> None:
+    """``max_restarts=1``, reset after 2 s of serving: rank 1 killed after serving longer than that is restarted
+    again; killed at once after that restart, it exceeds the renewed budget and this host's Agents stop."""
+    server, agents, rest, _ = start_cluster(servers, matmul_dir(2), 2, agent_args=("--max-restarts", "1"),
+                                            SERVABLE_RESTART_RESET_S="2", **FAST_HEARTBEAT)
+    rest.wait_ready(server, 120)
+
+    def rank_1() -> int:  # its current process (standby interpreters are Agent processes too)
+        pids = [int(p) for p in re.findall(r"agent1\[(\d+)\]", agents.log())]
+        return next(p for p in reversed(pids) if p in agent_pids(agents))
+
+    def kill_rank_1_and_recover() -> None:
+        victim = rank_1()
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in agent_pids(agents) and rest.is_ready() and correct(predict(rest)), 60,
+                   "recovery")
+
+    kill_rank_1_and_recover()  # restart 1 of 1
+    served_since = time.monotonic()
+    while time.monotonic() - served_since < 3.0:  # serve past restart_reset_s (the duration is what is tested)
+        assert correct(predict(rest))
+    kill_rank_1_and_recover()  # beyond the budget, but it served for 3 s: restarted
+    assert agents.log().count("its restart budget is whole again") == 1
+    os.kill(rank_1(), signal.SIGKILL)  # at once: the renewed budget is spent
+    wait_until(lambda: "exceeded 1 restarts" in agents.log() or not agents.alive(), 30, "the Agents to give up")
+    assert "reached the restart limit 1" in agents.log()
+    assert not correct(predict(rest)) and server.alive()
+    rest.close()

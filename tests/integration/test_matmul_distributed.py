@@ -12,7 +12,8 @@ from tests.support.procs import REPO, Rest, child_env, free_port, session_pids, 
 
 
 def start_cluster(servers, servable_dir, ranks: int, wait: int = 0, agent_files: int | None = None,
-                  start_agents: bool = True, also: list[str] | None = None, **env: str):
+                  start_agents: bool = True, also: list[str] | None = None, agent_args: tuple[str, ...] = (),
+                  **env: str):
     """Main + Distributed Worker for `matmul` (plus ``also`` = [dir, name] of a local servable), and its Agents."""
     rest_port, zmq_port, dist_port = free_port(), free_port(), free_port()
     address = f"127.0.0.1:{dist_port}"
@@ -24,7 +25,8 @@ def start_cluster(servers, servable_dir, ranks: int, wait: int = 0, agent_files:
     agents = None
     if start_agents:
         files = [str(servable_dir / "model" / f"device{i}" / "matmul.safetensors") for i in range(agent_files or ranks)]
-        agents = servers.start(["-m", "tests.support.agents", address, *files], "agents", env=child_env(**env))
+        agents = servers.start(["-m", "tests.support.agents", address, *files, *agent_args], "agents",
+                               env=child_env(**env))
     return server, agents, Rest(rest_port), f"127.0.0.1:{zmq_port}"
 
 

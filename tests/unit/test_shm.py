@@ -145,8 +145,8 @@ def test_segments_of_dead_clients_are_removed_by_the_next_client() -> None:
     import subprocess
     import sys
 
-    child = subprocess.run([sys.executable, "-c", "import os; from servable_framework import shm; p = shm.SegmentPool(); "
-                            "l = p.lease(1 << 20, 0); print(l.segment.name); os._exit(0)"],
+    child = subprocess.run([sys.executable, "-c", "import os; from servable_framework import shm; "
+                            "p = shm.SegmentPool(); l = p.lease(1 << 20, 0); print(l.segment.name); os._exit(0)"],
                            capture_output=True, text=True, check=True, cwd=os.getcwd())
     name = child.stdout.strip()
     assert shm.NAME.fullmatch(name) and _exists(name)  # left behind: its process exited without closing
