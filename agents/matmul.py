@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from servable_framework.agent.shard import InstanceValues, ModelShard, ShardContext, register_shard
 from servable_framework.crypto import safe_open  # safetensors' own; decrypts in memory with a dec_key
@@ -27,14 +26,13 @@ class MatMulShard(ModelShard):
             self.weight = f.get_tensor("w").to(ctx.device)  # this rank's file holds only its own slice
         self.in_features = self.weight.shape[0]
         self.transfer = StageTransfer(ctx)
+        self.comm = ctx.tp_comm
 
     def _layer(self, x: torch.Tensor) -> torch.Tensor:
         local = x @ self.weight
         if self.ctx.tp_size == 1:
             return local
-        parts = [torch.empty_like(local) for _ in range(self.ctx.tp_size)]
-        dist.all_gather(parts, local.contiguous(), group=self.ctx.tp_group)
-        return torch.cat(parts, dim=-1)
+        return torch.cat(self.comm.all_gather(local), dim=-1)
 
     @torch.inference_mode()
     def predict(self, instances: list[InstanceValues] | None) -> list[InstanceValues] | None:

@@ -85,7 +85,7 @@ class Qwen2Model(EngineModel):
             layers = nn.ModuleList(Qwen2DecoderLayer(cfg, i) for i in range(b - a))
         if ctx.tp_size > 1:
             for layer in layers:
-                parallelize_decoder_layer_(layer, ctx.tp_size, ctx.tp_rank, ctx.tp_group)
+                parallelize_decoder_layer_(layer, ctx.tp_size, ctx.tp_rank, ctx.tp_comm)
 
         def layer_key(name: str) -> str:
             idx, rest = name.split(".", 1)
@@ -107,7 +107,7 @@ class Qwen2Model(EngineModel):
         if ctx.is_last_stage:
             with torch.device("meta"):
                 norm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-                head = VocabParallelHead(cfg.hidden_size, cfg.vocab_size, ctx.tp_size, ctx.tp_rank, ctx.tp_group)
+                head = VocabParallelHead(cfg.hidden_size, cfg.vocab_size, ctx.tp_size, ctx.tp_rank, ctx.tp_comm)
             load_module_(norm, reader, lambda n: reader.key("text", f"norm.{n}"), self.device, self.dtype)
             head_key = "lm_head.weight"
             if head_key not in reader:

@@ -112,7 +112,7 @@ class Qwen25VLModel(EngineModel):
             text.embed_tokens = nn.Identity()
         if ctx.tp_size > 1:
             for layer in text.layers:
-                parallelize_decoder_layer_(layer, ctx.tp_size, ctx.tp_rank, ctx.tp_group)
+                parallelize_decoder_layer_(layer, ctx.tp_size, ctx.tp_rank, ctx.tp_comm)
 
         def text_key(name: str) -> str:
             if name.startswith("layers."):
@@ -141,7 +141,7 @@ class Qwen25VLModel(EngineModel):
         if ctx.is_last_stage:
             with torch.device("meta"):
                 norm = Qwen2_5_VLRMSNorm(tcfg.hidden_size, eps=tcfg.rms_norm_eps)
-                head = VocabParallelHead(tcfg.hidden_size, tcfg.vocab_size, ctx.tp_size, ctx.tp_rank, ctx.tp_group)
+                head = VocabParallelHead(tcfg.hidden_size, tcfg.vocab_size, ctx.tp_size, ctx.tp_rank, ctx.tp_comm)
             load_module_(norm, reader, lambda n: reader.key("text", f"norm.{n}"), self.device, self.dtype)
             head_key = "lm_head.weight"
             if head_key not in reader and self.config.tie_word_embeddings:

@@ -11,15 +11,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 import torch.nn as nn
 
 from servable_framework.engine.checkpoint import generation_config
+from servable_framework.engine.collectives import TPComm
 from servable_framework.engine.layers import ColumnParallelLinear, RowParallelLinear, block
 
 
-def parallelize_decoder_layer_(layer: nn.Module, tp_size: int, tp_rank: int,
-                               group: dist.ProcessGroup | None) -> None:
+def parallelize_decoder_layer_(layer: nn.Module, tp_size: int, tp_rank: int, comm: TPComm) -> None:
     """Swap one decoder layer's attention/MLP linears for this rank's parallel shards.
 
     Works on a meta-device skeleton (the new parameters are empty until the loader fills them). The attention
@@ -37,14 +36,14 @@ def parallelize_decoder_layer_(layer: nn.Module, tp_size: int, tp_rank: int,
                                                  block(heads * hd, tp_size, tp_rank)))
     old = attn.o_proj
     attn.o_proj = RowParallelLinear(old.in_features, old.out_features, old.bias is not None,
-                                    block(old.in_features, tp_size, tp_rank), group)
+                                    block(old.in_features, tp_size, tp_rank), comm)
     for name in ("gate_proj", "up_proj"):
         old = getattr(mlp, name)
         setattr(mlp, name, ColumnParallelLinear(old.in_features, old.out_features, old.bias is not None,
                                                 block(old.out_features, tp_size, tp_rank)))
     old = mlp.down_proj
     mlp.down_proj = RowParallelLinear(old.in_features, old.out_features, old.bias is not None,
-                                      block(old.in_features, tp_size, tp_rank), group)
+                                      block(old.in_features, tp_size, tp_rank), comm)
 
 
 def check_tp_divisible(text_config: Any, tp_size: int) -> None:

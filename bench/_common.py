@@ -145,6 +145,26 @@ def cpu_seconds_by_role(root_pids: list[int]) -> dict[str, float]:
     return out
 
 
+def wait_quiet(procs: list[Proc], timeout_s: float = 60.0, busy: float = 0.05) -> float:
+    """Until ``procs`` and their descendants use under ``busy`` of a core over one second (e.g. the Agent
+    startup process's standby interpreters have imported torch), so that measurements see the steady state;
+    returns seconds waited (gives up quietly after ``timeout_s``)."""
+    roots = [p.popen.pid for p in procs]
+    t0 = time.monotonic()
+
+    def used() -> float:
+        return sum(v for k, v in cpu_seconds_by_role(roots).items() if k != "load generator")
+
+    last = used()
+    while time.monotonic() - t0 < timeout_s:
+        time.sleep(1.0)
+        now = used()
+        if now - last < busy:
+            break
+        last = now
+    return time.monotonic() - t0
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1) -> float:
     """Poll ``predicate`` until true; returns seconds waited; TimeoutError after ``timeout_s``."""
     t0 = time.monotonic()

@@ -6,11 +6,12 @@ import json
 import uuid
 from pathlib import Path
 
-from bench._common import REPO, Proc, child_env, free_port, stop_all, wait_http_ready
+from bench._common import REPO, Proc, child_env, free_port, stop_all, wait_http_ready, wait_quiet
 
 
 def start_qwen(tp: int, log_dir: Path, **env: str) -> tuple[list[Proc], str, str]:
-    """examples/qwen/serving_server.py (--tp) + serving_agent.py on free ports, ready (GET /ready) or raising.
+    """examples/qwen/serving_server.py (--tp) + serving_agent.py on free ports, ready (GET /ready) and quiet
+    (`wait_quiet`), or raising.
 
     Returns (processes, REST base URL, ZMQ address); the caller stops the processes (`stop_all`).
     """
@@ -22,6 +23,9 @@ def start_qwen(tp: int, log_dir: Path, **env: str) -> tuple[list[Proc], str, str
         procs.append(Proc([str(example / "serving_agent.py"), "--distributed-address", dist], f"agents-tp{tp}",
                           log_dir, log_dir, child_env(**env)))
         wait_http_ready(f"http://127.0.0.1:{rest}/ready", procs, 300)
+        # the startup process starts one standby interpreter per rank once the Agents are up: importing torch
+        # takes seconds of CPU that would otherwise land in the first measurements
+        wait_quiet(procs)
     except BaseException:
         stop_all(procs)
         raise

@@ -3,12 +3,13 @@
     RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p \
         python bench/_qwen_inproc.py --ckpt DIR --prompt TEXT --tokens 1 32 --repeats 7 --out OUT.json
 
-One process per rank (gloo, like the Agents; n = TP size, one stage), one torch thread each (the Agents'
-default). Each rank builds ``Qwen25VLShard`` with a `ShardContext` and runs, per repeat and per token count,
-the same work as one served request: the servable's own ``preprocess`` (chat template, vision info,
-processor; imported from servables/qwen/servable_config.py), ``shard.generate`` (greedy; ``--batch B``: B
-copies in one call) and the servable's ``postprocess`` (decode, first instance). Rank 0 times the whole
-(``e2e_s``) and ``generate`` alone (``model_s``) and writes OUT.json with token counts, stop reasons, texts.
+One process per rank (gloo, like the Agents; n = TP size, one stage; the TP collectives and the per-step plan
+through shared memory, as the Agents' on one host), one torch thread each (the Agents' default). Each rank builds
+``Qwen25VLShard`` with a `ShardContext` and runs, per repeat and per token count, the same work as one served
+request: the servable's own ``preprocess`` (chat template, vision info, processor; imported from
+servables/qwen/servable_config.py), ``shard.generate`` (greedy; ``--batch B``: B copies in one call) and the
+servable's ``postprocess`` (decode, first instance). Rank 0 times the whole (``e2e_s``) and ``generate`` alone
+(``model_s``) and writes OUT.json with token counts, stop reasons, texts.
 """
 
 from __future__ import annotations
@@ -66,11 +67,17 @@ def main() -> int:
 
     from agents.qwen2_5_vl import Qwen25VLShard
     from servable_framework.agent.shard import ShardContext
+    from servable_framework.engine.collectives import HostComm, host_comm_supported
 
     os.environ["QWEN_CHECKPOINT"], os.environ["QWEN_RANK_SIZE"] = a.ckpt, str(world)
     preprocess, postprocess = load_servable_functions()
+    comm = host = None  # the collectives the Agents use on one host (shared memory), so only serving differs
+    if tp_group is not None and host_comm_supported(torch.device("cpu")):
+        store = dist.distributed_c10d._get_default_store()
+        comm = HostComm.connect(store, "tp", tp_group, world, rank, 120.0)
+        host = HostComm.connect(store, "world", None, world, rank, 120.0)
     ctx = ShardContext(rank=rank, rank_size=world, stage_size=1, model_files=[a.ckpt],
-                       device=torch.device("cpu"), tp_group=tp_group)
+                       device=torch.device("cpu"), tp_group=tp_group, comm=comm, host_comm=host)
     shard = Qwen25VLShard(ctx)
     image = None if a.no_image else demo_image()  # bytes: what the Worker gets over ZMQ, or REST b64
 

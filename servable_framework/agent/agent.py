@@ -210,16 +210,22 @@ def bind_collectives(host: str) -> str:
     return iface
 
 
-def init_distributed(cfg: AgentConfig, rank: int, device_id: int, store_host: str) -> tuple[Any, Any, Any]:
-    """Join the group of this generation; returns (device, tp_group, cpu_group). On CUDA the default group is
-    nccl (tensors) and ``cpu_group`` a gloo group of every rank (host-side metadata); on CPU the default group
-    is gloo and ``cpu_group`` None.
+def init_distributed(cfg: AgentConfig, rank: int, device_id: int,
+                     store_host: str) -> tuple[Any, Any, Any, Any, Any]:
+    """Join the group of this generation; returns (device, tp_group, cpu_group, tp_comm, host_comm). On CUDA the
+    default group is nccl (tensors) and ``cpu_group`` a gloo group of every rank (host-side metadata); on CPU the
+    default group is gloo and ``cpu_group`` None. ``tp_comm`` is a `collectives.HostComm` (shared memory) when this
+    rank's TP group runs on CPU and all on this rank's rank table address, else None (``ShardContext.tp_comm``
+    then uses torch.distributed on ``tp_group``); ``host_comm`` one of every rank for host-side tensors when the
+    whole rank table is on this host (else None).
 
     The rendezvous is the Distributed Worker's TCPStore at ``store_host`` (the host this Agent reaches the
     Worker at); the collectives listen on this rank's own rank table address (`bind_collectives`).
     """
     import torch
     import torch.distributed as dist
+
+    from servable_framework.engine import collectives
 
     host = cfg.ranks[rank][0]
     iface = bind_collectives(host)
@@ -242,7 +248,21 @@ def init_distributed(cfg: AgentConfig, rank: int, device_id: int, store_host: st
         group = dist.new_group(list(range(stage * tp, (stage + 1) * tp))) if tp > 1 else None
         if rank // tp == stage:
             tp_group = group
-    return device, tp_group, cpu_group
+    tp_comm = None
+    stage = rank // tp
+    if tp > 1 and collectives.host_comm_supported(device) and \
+            len({cfg.ranks[r][0] for r in range(stage * tp, (stage + 1) * tp)}) == 1:
+        assert tp_group is not None
+        tp_comm = collectives.HostComm.connect(prefixed, f"tp-comm/stage{stage}", tp_group, tp, rank % tp,
+                                               cfg.group_timeout_s)
+        log.info("rank %d: tensor-parallel collectives of stage %d through shared memory (all %d ranks on %s)",
+                 rank, stage, tp, host)
+    host_comm = None
+    if cfg.rank_size > 1 and collectives.host_comm_supported(torch.device("cpu")) and \
+            len({h for h, _ in cfg.ranks}) == 1:  # host-side metadata (the per-step plan) of every rank
+        host_comm = collectives.HostComm.connect(prefixed, "host-comm/world", cpu_group, cfg.rank_size, rank,
+                                                 cfg.group_timeout_s)
+    return device, tp_group, cpu_group, tp_comm, host_comm
 
 
 class Agent:
@@ -291,14 +311,14 @@ class Agent:
         log.info("rank %d uses %d torch threads", self.rank, threads)
         host, _ = transport.parse_address(self.payload.distributed_address, "distributed")
         t0 = time.perf_counter()
-        device, tp_group, cpu_group = init_distributed(self.cfg, self.rank, self.payload.device_id,
-                                            "127.0.0.1" if host in ("0.0.0.0", "*") else host)
+        device, tp_group, cpu_group, tp_comm, host_comm = init_distributed(
+            self.cfg, self.rank, self.payload.device_id, "127.0.0.1" if host in ("0.0.0.0", "*") else host)
         log.info("rank %d joined the %s group (generation %d) in %.2f s", self.rank,
                  "nccl" if device.type == "cuda" else "gloo", self.cfg.generation, time.perf_counter() - t0)
         ctx = ShardContext(rank=self.rank, rank_size=self.cfg.rank_size,
                            stage_size=self.cfg.stage_size, model_files=self.payload.model_files,
                            device=device, tp_group=tp_group, cpu_group=cpu_group,
-                           options=dict(self.cfg.shard_options))
+                           options=dict(self.cfg.shard_options), comm=tp_comm, host_comm=host_comm)
         t0 = time.perf_counter()
         log.info("rank %d loading shard '%s' (stage %d, tp rank %d/%d) from %s", self.rank, self.cfg.shard,
                  ctx.stage, ctx.tp_rank, ctx.tp_size, ctx.model_files)
@@ -432,6 +452,10 @@ class Agent:
         except asyncio.TimeoutError:
             pass
         log.error("%s", reason)
+        if self.shard is not None:  # peers waiting in a shared-memory collective fail now, not at a timeout
+            for comm in (self.shard.ctx.comm, self.shard.ctx.host_comm):
+                if comm is not None:
+                    comm.abort()
         self._tell(Kind.FAILED, {"rank": self.rank, "pid": os.getpid(), "error": reason})
         await self.io.drain(0.5)
         self.finish(EXIT_REJOIN)

@@ -21,10 +21,10 @@ Streaming (optional, methods declared with ``register_method(..., stream=True)``
 rank may call ``self.link.stream(pieces)`` with the new outputs of its running instances; the Worker runs the
 method's postprocess on each instance's outputs so far and sends the difference to the client.
 
-A shard must load only its own slice of the weights, must use the process groups it is given
-(never the default group for TP collectives), and must not change the order of collectives
-between ranks. A ``ValueError``/``ServingError`` raised for bad inputs is reported to the client;
-any other exception fails the batch and is logged with its traceback.
+A shard must load only its own slice of the weights, must use ``ctx.tp_comm`` for TP collectives (never the
+default group), and must not change the order of collectives between ranks. A ``ValueError``/``ServingError``
+raised for bad inputs is reported to the client; any other exception fails the batch and is logged with its
+traceback.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from servable_framework.engine.collectives import DistComm, TPComm
 from servable_framework.wire import Value
 
 InstanceValues = list[Value]
@@ -57,6 +58,17 @@ class ShardContext:
     # group is gloo already)
     cpu_group: dist.ProcessGroup | None = None
     options: dict[str, Any] = field(default_factory=dict)  # `declare_servable(shard_options=...)`
+    # the TP group's collectives when the Agent chose them (shared memory for ranks on one host); see `tp_comm`
+    comm: TPComm | None = None
+    # collectives of every rank for host-side (CPU) tensors when all ranks run on this host (shared memory);
+    # None: ``cpu_group`` (or the default group) over torch.distributed
+    host_comm: TPComm | None = None
+
+    @property
+    def tp_comm(self) -> TPComm:
+        """The collectives of this rank's TP group (`servable_framework.engine.collectives`): sum, all-gather,
+        gather. Model code uses these, never ``torch.distributed`` on ``tp_group`` directly."""
+        return self.comm if self.comm is not None else DistComm(self.tp_group)
 
     @property
     def tp_size(self) -> int:

@@ -2,7 +2,7 @@
 vocabulary-parallel output head, and the split of decoder layers over pipeline stages.
 
 ``ColumnParallelLinear`` keeps a contiguous block of output rows; ``RowParallelLinear`` keeps the matching
-block of input columns, sums the partial outputs with ``all_reduce`` over the stage's TP group and adds its
+block of input columns, sums the partial outputs over the stage's TP group (``ShardContext.tp_comm``) and adds its
 bias once, after the reduce. ``VocabParallelHead`` keeps a block of the vocabulary on every TP rank of the last
 stage; the output rank gathers the blocks into full logits, so no rank computes the whole head while its peers
 wait. Every rank reads only its slices (see `checkpoint.load_module_`).
@@ -11,9 +11,10 @@ wait. Every rank reads only its slices (see `checkpoint.load_module_`).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from servable_framework.engine.collectives import TPComm
 
 
 def block(total: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
@@ -41,21 +42,22 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """``y = all_reduce(x_local @ W[:, cols].T) + b``: partial products summed over ``group``."""
+    """``y = all_reduce(x_local @ W[:, cols].T) + b``: partial products summed by ``comm`` (None: one rank)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, cols: tuple[int, int],
-                 group: dist.ProcessGroup | None) -> None:
+                 comm: TPComm | None) -> None:
         super().__init__()
         self.in_features, self.out_features = cols[1] - cols[0], out_features
         self.cols = cols  # [start, end) in the full weight's input dimension
-        self.group = group
+        self.comm = comm
         self.weight = nn.Parameter(torch.empty(out_features, self.in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.full_in_features = in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
+        if self.comm is not None and self.comm.size > 1:
+            self.comm.all_reduce_(y)
         return y if self.bias is None else y + self.bias  # bias once, after the reduce
 
     def extra_repr(self) -> str:
@@ -68,22 +70,21 @@ class VocabParallelHead(nn.Module):
     rank) and None on the others, which still take part in the gather."""
 
     def __init__(self, hidden_size: int, vocab_size: int, tp_size: int, tp_rank: int,
-                 group: dist.ProcessGroup | None) -> None:
+                 comm: TPComm | None) -> None:
         super().__init__()
         self.chunk = -(-vocab_size // tp_size)
         start = min(tp_rank * self.chunk, vocab_size)
         self.rows = (start, min(start + self.chunk, vocab_size))
-        self.vocab_size, self.tp_size, self.tp_rank, self.group = vocab_size, tp_size, tp_rank, group
+        self.vocab_size, self.tp_size, self.tp_rank, self.comm = vocab_size, tp_size, tp_rank, comm
         self.weight = nn.Parameter(torch.empty(self.rows[1] - self.rows[0], hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         local = F.linear(x, self.weight).float()
-        if self.tp_size == 1:
+        if self.tp_size == 1 or self.comm is None:
             return local
         if local.shape[-1] < self.chunk:  # equal sizes for the gather; the padding is cut off below
             local = F.pad(local, (0, self.chunk - local.shape[-1]))
-        parts = [torch.empty_like(local) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
-        dist.gather(local.contiguous(), parts, group=self.group, group_dst=0)
+        parts = self.comm.gather(local, dst=0)
         if parts is None:
             return None
         return torch.cat(parts, dim=-1)[..., :self.vocab_size]

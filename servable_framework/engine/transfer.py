@@ -7,7 +7,8 @@ group (nccl on CUDA, gloo on CPU), in that order. Nothing is pickled, and the on
 are these metadata bytes, which never live on the GPU.
 
 `broadcast_plan` shares the output rank's per-step decision (tokens, finished flags, how many batches join)
-with every rank over the CPU group; it is the one host transfer of a decode step.
+with every rank over the CPU group (through shared memory when every rank is on this host,
+``ShardContext.host_comm``); it is the one host transfer of a decode step.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ class StageTransfer:
     def broadcast_plan(self, plan: np.ndarray | None, length: int) -> np.ndarray:
         """The output rank's int64 plan of ``length`` values, on every rank (CPU group)."""
         buf = torch.from_numpy(plan.astype(np.int64)) if plan is not None else torch.empty(length, dtype=torch.int64)
-        if self.ctx.rank_size > 1:
+        if self.ctx.rank_size == 1:
+            return buf.numpy()
+        if self.ctx.host_comm is not None:  # every rank on this host: through shared memory
+            self.ctx.host_comm.broadcast_(buf, self.ctx.output_rank)
+        else:
             dist.broadcast(buf, src=self.ctx.output_rank, group=self.cpu_group)
         return buf.numpy()

@@ -18,8 +18,9 @@ step), exactly as the Agent's link would offer batches that arrived meanwhile. J
 Importing torch + transformers costs several seconds per process on 2 cores, so one set of processes
 runs the layouts one after another: for each layout the ranks ``< world`` do what the Agent runtime
 does (a fresh gloo default process group over ``tcp://127.0.0.1:port``, one ``dist.new_group`` per
-stage in stage order on every rank, a `ShardContext`), build ``Qwen25VLShard``, run every scenario
-in order (stage-0 ranks get the instances, the others ``None``) and destroy the group again; ranks
+stage in stage order on every rank, the shared-memory `HostComm`s, a `ShardContext`), build
+``Qwen25VLShard``, run every scenario in order (stage-0 ranks get the instances, the others ``None``) and
+destroy the group again; ranks
 ``>= world`` sit that layout out. Per layout the output rank writes OUT_DIR/<layout>/result.npz
 (``<scenario>/<i>/tokens``, ``.../logits``, ``.../reason``, ``<scenario>/error``) and every rank writes
 OUT_DIR/<layout>/rank<r>.json (what it holds, what each call returned, timings).
@@ -93,6 +94,7 @@ class ScriptedLink:
 def run_layout(rank: int, layout: dict, plan: dict, out_dir: Path) -> None:
     from agents.qwen2_5_vl import Qwen25VLShard
     from servable_framework.agent.shard import ShardContext
+    from servable_framework.engine.collectives import HostComm, host_comm_supported
 
     t0 = time.perf_counter()
     world, stage_size = layout["world"], layout["stage_size"]
@@ -104,11 +106,18 @@ def run_layout(rank: int, layout: dict, plan: dict, out_dir: Path) -> None:
         group = dist.new_group(list(range(stage * tp, (stage + 1) * tp))) if tp > 1 else None
         if stage == rank // tp:
             tp_group = group
+    comm = host = None  # as the Agent runtime: collectives of ranks on one host go through shared memory
+    if world > 1 and host_comm_supported(torch.device("cpu")):
+        store = dist.distributed_c10d._get_default_store()
+        if tp > 1:
+            comm = HostComm.connect(store, f"tp{rank // tp}", tp_group, tp, rank % tp, 60.0)
+        host = HostComm.connect(store, "world", None, world, rank, 60.0)
 
     def make_shard(eos):
         options = {} if eos is None else {"eos_token_id": eos}
         ctx = ShardContext(rank=rank, rank_size=world, stage_size=stage_size, model_files=[layout["ckpt"]],
-                           device=torch.device("cpu"), tp_group=tp_group, options=options)
+                           device=torch.device("cpu"), tp_group=tp_group, options=options, comm=comm,
+                           host_comm=host)
         return ctx, Qwen25VLShard(ctx)
 
     inputs = np.load(plan["inputs"])
