@@ -221,11 +221,6 @@ class HostComm:
     def abort(self) -> None:
         self._abort[0] = 1
 
-    def close(self) -> None:
-        """Unmap the segment (views handed out by a collective must be gone)."""
-        del self._abort, self._pids, self._seqs
-        self._buf.close()
-
     # -- internals ------------------------------------------------------------------------------------------
     def _chunks(self, flat: torch.Tensor) -> list[tuple[int, int]]:
         per = max(1, self.slot_bytes // flat.element_size())
