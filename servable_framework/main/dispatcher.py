@@ -65,6 +65,14 @@ class StreamPiece:
     error: ServingError | None = None
 
 
+@dataclass
+class RestAnswer:
+    """`Dispatcher.predict_rest`'s answer, rendered by the Worker: the HTTP status and the JSON body."""
+
+    status: int
+    body: Any  # bytes or a read-only memoryview of the received frame
+
+
 class Dispatcher:
     def __init__(self, workers: WorkerSet, settings: Settings) -> None:
         self.workers = workers
@@ -198,6 +206,69 @@ class Dispatcher:
             record.finish(outcome)
             self._ended()
 
+    async def predict_rest(self, servable: str, method: str, version: int, body: bytes,
+                           timeout_s: float | None = None) -> RestAnswer | None:
+        """MindSpore's REST predict with the body forwarded unparsed: the Worker parses it, runs it and renders
+        the answer (`servable_framework.worker.worker.Worker._predict_rest`), so Main's share of a request is
+        its routing, deadline and metrics, and the JSON work runs in the Worker's process, next to Main's.
+        Same answers, texts and metrics as parsing it here and calling `predict` (the Worker's reply says how
+        far the request got, and the counting follows: a refused body is not a request, refused instances are
+        one without metrics, as in `_admit`).
+
+        Returns None where the request must go that other way (parsed here): an endpoint whose READY Workers
+        are not exactly one (instances are spread over several), an error to answer that comes after the
+        body's own in `predict`'s order (not available, draining, too many requests in flight), or the Worker
+        lost with the request while a sibling is READY (`predict` re-runs it there; the deadline starts again)."""
+        if self.draining or self.inflight >= self.settings.max_enqueued_requests:
+            return None
+        try:
+            handle = self.pick(servable, method, version)
+        except ServingError:
+            return None
+        if len(self._siblings(handle, method)) != 1:
+            return None
+        start = time.perf_counter()
+        timeout = timeout_s or handle.request_timeout_s or self.settings.request_timeout_s
+        self._started()
+        at = "sent"  # how far it got: "sent" (no answer yet), then the Worker's "parse"|"admit"|"run"|"done"
+        outcome: Outcome = "error"
+        header: dict[str, Any] = {"method": method, "rest": True,
+                                  "max_instances": self.settings.max_instances_per_request}
+        try:
+            try:
+                reply, buffers = await self._exchange(handle, header, [body], timeout, timeout)
+            except WorkerLost as exc:
+                if any(h is not handle for h in self._siblings(handle, method)):
+                    at = "parse"  # not counted: `predict` counts it
+                    return None
+                raise Unavailable(exc.message) from None
+            if "error" in reply:  # the Worker could not take it (not loaded yet): a failure of the request
+                raise ServingError.from_wire(reply["error"])
+            at = str(reply.get("at"))
+            if at == "done":
+                outcome = "ok"
+                handle.instances_answered += int(reply.get("count", 0))
+            elif at == "run":
+                self.stats["errors"] += 1
+            return RestAnswer(int(reply["status"]), buffers[0] if buffers else b"")
+        except ServingError:
+            self.stats["errors"] += 1
+            raise
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            raise
+        finally:
+            self._ended()
+            if at != "parse":
+                self.stats["requests"] += 1
+            if at not in ("parse", "admit"):
+                record = self.metrics.request(servable, "rest", start)
+                if outcome == "ok":
+                    tokens = reply.get("tokens")
+                    if isinstance(tokens, list) and len(tokens) == 2:
+                        record.tokens(int(tokens[0]), int(tokens[1]))
+                record.finish(outcome)
+
     async def predict_stream(self, servable: str, method: str, version: int, instances: list[Instance],
                              timeout_s: float | None = None, *, protocol: str = "rest") -> AsyncIterator[StreamPiece]:
         """Run one request of a ``stream=True`` method, yielding its pieces as the Worker sends them: every
@@ -324,13 +395,28 @@ class Dispatcher:
                     timeout_s: float, reply_space: ReplySpace | None = None) -> list[Result]:
         """One PREDICT to ``handle``, answered within ``wait_s`` (what is left of the request's ``timeout_s``,
         which the timeout error names)."""
-        if wait_s <= 0:  # a re-run found the deadline spent
-            raise RequestTimeout(f"Request timed out after {timeout_s:g} s")
-        request_id = next(self._ids)
         buffers: list[Any] = []
-        header = {"id": request_id, "method": method, "instances": encode_instances(instances, buffers)}
+        header: dict[str, Any] = {"method": method, "instances": encode_instances(instances, buffers)}
         if reply_space is not None:
             header["shm_out"] = reply_space.header()
+        reply, out_buffers = await self._exchange(handle, header, buffers, wait_s, timeout_s)
+        if "error" in reply:
+            raise ServingError.from_wire(reply["error"])
+        results: list[Result] = []
+        for item in reply.get("results", []):
+            if "error" in item:
+                results.append(ServingError.from_wire(item["error"]))
+            else:
+                results.append({k: decode_value(v, out_buffers, keep_reference) for k, v in item["ok"].items()})
+        return results
+
+    async def _exchange(self, handle: WorkerHandle, header: dict[str, Any], buffers: list[Any], wait_s: float,
+                        timeout_s: float) -> tuple[dict[str, Any], Any]:
+        """Send one PREDICT (``header`` gets its request id) and await its RESULT (header, buffers) within
+        ``wait_s``; a timed-out or abandoned request is cancelled in the Worker."""
+        if wait_s <= 0:  # a re-run found the deadline spent
+            raise RequestTimeout(f"Request timed out after {timeout_s:g} s")
+        request_id = header["id"] = next(self._ids)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         handle.inflight[request_id] = fut
@@ -354,15 +440,7 @@ class Dispatcher:
         finally:
             timer.cancel()
             handle.inflight.pop(request_id, None)
-        if "error" in reply:
-            raise ServingError.from_wire(reply["error"])
-        results: list[Result] = []
-        for item in reply.get("results", []):
-            if "error" in item:
-                results.append(ServingError.from_wire(item["error"]))
-            else:
-                results.append({k: decode_value(v, out_buffers, keep_reference) for k, v in item["ok"].items()})
-        return results
+        return reply, out_buffers
 
     def ready(self) -> dict[str, Any]:
         """Readiness of every servable: ready when at least one Worker of its newest version is READY."""

@@ -152,9 +152,13 @@ class RequestRecord:
 
     def results(self, results: Iterable[Instance | ServingError]) -> None:
         """Count the tokens of a non-streaming request's instances that succeeded."""
-        for result in results:
-            if not isinstance(result, ServingError):
-                self._tokens(result)
+        self.tokens(*token_counts(results))
+
+    def tokens(self, prompt: int, generated: int) -> None:
+        """Count a non-streaming request's tokens (`token_counts` of its results, e.g. from its Worker)."""
+        for count, counter in ((prompt, self._metrics.prompt_tokens), (generated, self._metrics.generation_tokens)):
+            if count > 0:
+                counter.labels(*self._labels).inc(count)
 
     def piece(self, index: int, outputs: Instance) -> None:
         """One piece of instance ``index`` of a streaming request (not an error)."""
@@ -178,12 +182,23 @@ class RequestRecord:
         self._metrics.finished.labels(*self._labels, outcome).inc()
 
     def _tokens(self, outputs: Instance) -> None:
-        for names, counter in ((PROMPT_OUTPUTS, self._metrics.prompt_tokens),
-                               (GENERATED_OUTPUTS, self._metrics.generation_tokens)):
-            name = next((n for n in names if n in outputs), None)
-            count = 0 if name is None else _tokens(outputs[name])
-            if count:
-                counter.labels(*self._labels).inc(count)
+        self.tokens(_output_tokens(outputs, PROMPT_OUTPUTS), _output_tokens(outputs, GENERATED_OUTPUTS))
+
+
+def token_counts(results: Iterable[Instance | ServingError]) -> tuple[int, int]:
+    """(prompt, generated) tokens of the instances that succeeded (`PROMPT_OUTPUTS`, `GENERATED_OUTPUTS`)."""
+    prompt = generated = 0
+    for result in results:
+        if not isinstance(result, ServingError):
+            prompt += _output_tokens(result, PROMPT_OUTPUTS)
+            generated += _output_tokens(result, GENERATED_OUTPUTS)
+    return prompt, generated
+
+
+def _output_tokens(outputs: Instance, names: tuple[str, ...]) -> int:
+    """The tokens of the first of ``names`` that ``outputs`` has (0: none)."""
+    name = next((n for n in names if n in outputs), None)
+    return 0 if name is None else _tokens(outputs[name])
 
 
 def _nonempty(value: Value) -> bool:

@@ -27,6 +27,8 @@ import zmq.asyncio
 from servable_framework import memtune, procs, shm, transport, unixlink
 from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.logs import setup_logging
+from servable_framework.main.metrics import token_counts
+from servable_framework.main.rest_codec import encode_error, parse_body, render_json, render_results
 from servable_framework.servable.declare import GraphRunner
 from servable_framework.servable.loader import LoadedServable, load_servable, resolve_version
 from servable_framework.wire import Frame, Kind, Value, decode_instances, encode_instances, encode_value, pack, unpack
@@ -170,6 +172,11 @@ class Worker:
             token = self.cancels[request_id] = CancelToken()
             if header.get("stream") is True:
                 transport.spawn(self._predict_stream(request_id, header, buffers, token))
+            elif header.get("rest") is True:
+                if self._loop_safe(header.get("method"), buffers):
+                    self._predict_rest(request_id, header, buffers, frames, token, on_loop=True)
+                else:
+                    self.pool.submit(self._predict_rest, request_id, header, buffers, frames, token)
             elif "shm_out" not in header and self._loop_safe(header.get("method"), buffers):
                 self._predict(request_id, header, buffers, frames, token, on_loop=True)
             else:
@@ -232,6 +239,53 @@ class Worker:
             self._answer(request_id, out, frames)
             return
         try:  # ``frames`` travels along: stages may have returned zero-copy views of the input buffers
+            self.loop.call_soon_threadsafe(self._answer, request_id, out, frames)
+        except RuntimeError:  # the loop is closed: this Worker is exiting, Main fails the request
+            pass
+
+    def _predict_rest(self, request_id: Any, header: dict[str, Any], buffers: Any, frames: Any, token: CancelToken,
+                      on_loop: bool = False) -> None:
+        """PREDICT ``{"id", "method", "rest": true, "max_instances"}`` whose one buffer is a MindSpore REST body
+        that Main forwarded unparsed (`servable_framework.main.dispatcher.Dispatcher.predict_rest`): parse it,
+        check it as Main's admission would (count, limit, required inputs, with its texts), run it and render
+        the whole HTTP answer here (`rest_codec.render_results`). Replies ``{"id", "at", "status", "count",
+        "tokens"}`` with the JSON body as its one buffer; ``at`` is how far the request got, which Main's
+        counting follows: ``"parse"`` (the body was refused), ``"admit"`` (its instances were), ``"run"`` (it
+        failed whole), ``"done"`` (answered; single instances may have failed). ``count``/``tokens``: its
+        instances and their (prompt, generated) tokens, when done."""
+        at, count, tokens = "parse", 0, (0, 0)
+        try:
+            instances = parse_body(bytes(buffers[0]) if buffers else b"")
+            at = "admit"
+            assert self.runner is not None
+            method = self.runner.method(str(header.get("method")))
+            limit = header.get("max_instances")
+            if not instances:
+                raise InvalidInput("Instances count of request cannot be 0")
+            if isinstance(limit, int) and len(instances) > limit:
+                raise InvalidInput(f"Instances count {len(instances)} of request exceeds the limit {limit}")
+            for inst in instances:
+                for name in method.required_inputs:
+                    if name not in inst:
+                        raise InvalidInput(f"Cannot find input {name} in instance input , servable "
+                                           f"{self.runner.spec.name}, method {method.name}")
+            at = "run"
+            results = self.runner.run(method.name, instances, token, None)
+            status, body = render_results(results)
+            at, count, tokens = "done", len(instances), token_counts(results)
+        except ServingError as exc:
+            status, body = exc.http_status, render_json(encode_error(exc))
+        except Exception as exc:  # a bug in the framework: report it, keep serving
+            log.exception("request %s failed", request_id)
+            error = ServingError(f"System error: {exc}")
+            at, status, body = "run", error.http_status, render_json(encode_error(error))
+        reply = {"id": request_id, "at": at, "status": status, "count": count, "tokens": list(tokens),
+                 "batches": self._batch_stats()}
+        out = pack(Kind.RESULT, reply, [body])
+        if on_loop:
+            self._answer(request_id, out, frames)
+            return
+        try:
             self.loop.call_soon_threadsafe(self._answer, request_id, out, frames)
         except RuntimeError:  # the loop is closed: this Worker is exiting, Main fails the request
             pass

@@ -84,6 +84,13 @@ def test_llm_metrics_per_servable_and_protocol(cluster) -> None:
     slow = rest.post("/model/streamer:generate_plain", body("y" * 200, step_ms=50),
                      headers={"X-Request-Timeout-S": "0.3"})
     assert slow.status_code == 504, slow.text
+    # refused bodies: not a request at all when it does not parse (an empty instances array does not either);
+    # refused instances (an input missing) count as a request with no servable metrics (the Worker parses and
+    # checks them: Main forwards the body unparsed, and counts as if it had done that itself)
+    assert rest.post("/model/streamer:generate_plain", b'{"instances": [').status_code == 400
+    assert rest.post("/model/streamer:generate_plain", {"instances": []}).status_code == 400
+    missing = rest.post("/model/streamer:generate_plain", {"instances": [{"txt": "x"}]})
+    assert missing.status_code == 400 and "Cannot find input text" in missing.json()["error_msg"], missing.text
 
     types, after = scrape(rest)
     for name in ("servable_request_latency_seconds", "servable_time_to_first_token_seconds",
@@ -119,8 +126,8 @@ def test_llm_metrics_per_servable_and_protocol(cluster) -> None:
     assert delta(before, after, "servable_requests_finished_total", protocol="rest", outcome="error") == 1
     assert delta(before, after, "servable_requests_finished_total", protocol="zmq", outcome="ok") == 2
     assert not any(dict(labels).get("servable") == "nothere" for _, labels in after)
-    # the unlabelled totals count everything, as before
-    assert after[("servable_requests_total", ())] - before[("servable_requests_total", ())] == 6
+    # the unlabelled totals count everything, as before (not the bodies that did not parse)
+    assert after[("servable_requests_total", ())] - before[("servable_requests_total", ())] == 7
     assert after[("servable_request_errors_total", ())] - before[("servable_request_errors_total", ())] == 1
 
 

@@ -1,6 +1,6 @@
-"""`servable_framework.engine.collectives.HostComm` against gloo's own collectives, in real processes joined in a
-real torch.distributed (gloo) group: sums, gathers, broadcasts, chunking, 16-bit floats, and the failure cases (a peer that
-aborts, dies or never comes)."""
+"""`servable_framework.engine.collectives.HostComm` against gloo's own collectives, in real processes joined in
+a real torch.distributed (gloo) group: sums, gathers, broadcasts, chunking, 16-bit floats, and the failure cases
+(a peer that aborts, dies or never comes)."""
 
 from __future__ import annotations
 

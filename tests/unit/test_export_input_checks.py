@@ -1,12 +1,18 @@
-"""`local_model._cache_input_checks`: an exported program's input check runs once per input signature, and
-still refuses every input the program does not take (against the same program without the cache)."""
+"""`local_model._cache_input_checks` and `_program_call`: an exported program's input checks (its pre-hook and
+its ``_guards_fn``) run once per input signature, the call skips `torch.nn.Module`'s hook machinery, and both
+still refuse every input the program does not take (against the same program without either)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from servable_framework.worker.local_model import _cache_input_checks, _RememberedCheck
+from servable_framework.worker.local_model import (
+    _cache_input_checks,
+    _program_call,
+    _RememberedCheck,
+    _RememberedGuards,
+)
 
 
 class Scale(torch.nn.Module):
@@ -30,7 +36,10 @@ def _outcome(module, *args):
 def test_same_answers_and_refusals_as_the_plain_program() -> None:
     program = _program()
     plain, cached = program.module(), _cache_input_checks(program.module())
+    fast = _program_call(_cache_input_checks(program.module()))
     assert any(isinstance(h, _RememberedCheck) for h in cached._forward_pre_hooks.values())
+    assert isinstance(cached._guards_fn, _RememberedGuards)
+    assert fast is not cached and not isinstance(fast, torch.nn.Module)  # the short call was taken
     cases = [
         (torch.ones(4, 3), torch.ones(4, 3)),
         (torch.ones(4, 3), torch.ones(4, 3)),  # the same signature again: served from the cache
@@ -43,11 +52,12 @@ def test_same_answers_and_refusals_as_the_plain_program() -> None:
         (torch.ones(4, 3), torch.ones(4, 3)),  # and a good one after the refusals
     ]
     for args in cases:
-        want, got = _outcome(plain, *args), _outcome(cached, *args)
-        if isinstance(want, torch.Tensor):
-            assert isinstance(got, torch.Tensor) and torch.equal(want, got), args
-        else:
-            assert got is not None and not isinstance(got, torch.Tensor), (args, want)
+        want = _outcome(plain, *args)
+        for got in (_outcome(cached, *args), _outcome(fast, *args)):
+            if isinstance(want, torch.Tensor):
+                assert isinstance(got, torch.Tensor) and torch.equal(want, got), args
+            else:
+                assert got is not None and not isinstance(got, torch.Tensor), (args, want)
 
 
 def test_a_signature_is_checked_once() -> None:
@@ -64,3 +74,48 @@ def test_a_signature_is_checked_once() -> None:
     for _ in range(2):
         with pytest.raises(Exception):  # noqa: B017 - either refusal is right; the text is torch's
             cached(torch.ones(9, 3), torch.ones(9, 3))
+
+
+def test_the_guards_run_once_per_signature_and_still_refuse() -> None:
+    module = _cache_input_checks(_program().module())
+    call = _program_call(module)
+    calls = []
+
+    class Counted(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            calls.append(1)
+            return self.inner(*args)
+
+    module._guards_fn.guards = Counted(module._guards_fn.guards)
+    for _ in range(3):
+        call(torch.ones(4, 3), torch.ones(4, 3))
+    call(torch.ones(6, 3), torch.ones(6, 3))
+    assert len(calls) == 2
+    for _ in range(2):  # not remembered: refused each time
+        with pytest.raises(Exception):  # noqa: B017 - the text is torch's
+            call(torch.ones(9, 3), torch.ones(9, 3))
+
+
+def test_a_global_module_hook_sends_calls_the_long_way() -> None:
+    call = _program_call(_cache_input_checks(_program().module()))
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: seen.append(type(m).__name__))
+    try:
+        out = call(torch.ones(4, 3), torch.ones(4, 3))
+    finally:
+        handle.remove()
+    assert torch.equal(out, torch.ones(4, 3) * 3)
+    assert seen  # the hook saw the call: it went through torch.nn.Module.__call__
+    count = len(seen)
+    call(torch.ones(4, 3), torch.ones(4, 3))
+    assert len(seen) == count  # removed: the short call again
+
+
+def test_a_program_with_other_hooks_keeps_the_module_call() -> None:
+    module = _cache_input_checks(_program().module())
+    module.register_forward_hook(lambda m, a, out: None)
+    assert _program_call(module) is module
