@@ -94,6 +94,14 @@ class Dispatcher:
 
     def pick(self, servable: str, method: str, version: int) -> WorkerHandle:
         """The least-loaded READY Worker (idle ones in turn), or the contract's error for why there is none."""
+        ready = self._ready(servable, method, version)
+        least = min(_load(h) for h in ready)
+        tied = [h for h in ready if _load(h) == least]
+        self._turn += 1  # ties (idle Workers) take turns: sequential requests use every Worker too
+        return tied[self._turn % len(tied)]
+
+    def _ready(self, servable: str, method: str, version: int) -> list[WorkerHandle]:
+        """The READY Workers a request may go to (at least one), or the contract's error for why there is none."""
         handles = [h for h in self.workers.workers.values() if h.servable == servable]
         if version:
             handles = [h for h in handles if h.version == version]
@@ -108,10 +116,7 @@ class Dispatcher:
             raise Unavailable(f"{self._spec(servable, method, version)} , servable is not available: {reasons}")
         if method not in ready[0].methods:
             raise NotFound(f"{self._spec(servable, method, version)} , method is not available")
-        least = min(_load(h) for h in ready)
-        tied = [h for h in ready if _load(h) == least]
-        self._turn += 1  # ties (idle Workers) take turns: sequential requests use every Worker too
-        return tied[self._turn % len(tied)]
+        return ready
 
     def _siblings(self, handle: WorkerHandle, method: str) -> list[WorkerHandle]:
         """READY Workers of ``handle``'s endpoint (same servable and version) that serve ``method``, least
@@ -222,11 +227,12 @@ class Dispatcher:
         if self.draining or self.inflight >= self.settings.max_enqueued_requests:
             return None
         try:
-            handle = self.pick(servable, method, version)
+            ready = self._ready(servable, method, version)
         except ServingError:
             return None
-        if len(self._siblings(handle, method)) != 1:
+        if len(ready) != 1:  # (not `pick`: its turn must move once per request)
             return None
+        handle = ready[0]
         start = time.perf_counter()
         timeout = timeout_s or handle.request_timeout_s or self.settings.request_timeout_s
         self._started()
