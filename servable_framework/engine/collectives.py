@@ -44,6 +44,7 @@ import torch.distributed as dist
 SLOT_BYTES = 4 << 20  # per rank and buffer; larger tensors go through in chunks
 _HEADER = 4096  # abort flag, pids, sequence numbers (one 64-byte line per rank)
 _SPINS = 2000  # busy checks before yielding: peers usually arrive within microseconds of each other
+_MAX_VIEWS = 64  # cached slot views (buffer x dtype x size); more distinct shapes than this start the cache over
 _YIELDS = 200
 _SLEEP_S = 50e-6
 _LIVENESS_S = 0.1  # how often a waiting rank checks that its peers still exist
@@ -131,6 +132,9 @@ class HostComm:
         self._seqs = np.frombuffer(buf, dtype=np.int64, count=8 * size, offset=1024)[::8]  # one line per rank
         self._seq = int(self._seqs[rank])
         self._pids[rank] = os.getpid()
+        # (buffer, dtype, element count) -> every rank's slot as a tensor view: `torch.frombuffer` costs a few us
+        # per view, and a decode step makes the same few collectives over and over
+        self._views: dict[tuple[int, torch.dtype, int], list[torch.Tensor]] = {}
 
     @staticmethod
     def segment_bytes(size: int, slot_bytes: int) -> int:
@@ -227,10 +231,19 @@ class HostComm:
         total = flat.numel()
         return [(start, min(per, total - start)) for start in range(0, total, per)] or [(0, 0)]
 
-    def _slot(self, seq: int, rank: int, like: torch.Tensor) -> torch.Tensor:
-        offset = _HEADER + ((seq & 1) * self.size + rank) * self.slot_bytes
-        return torch.frombuffer(self._buf, dtype=like.dtype, count=like.numel(), offset=offset) \
-            if like.numel() else like.new_empty(0)
+    def _slots(self, seq: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's slot of buffer ``seq & 1`` as a tensor of ``like``'s dtype and element count."""
+        key = (seq & 1, like.dtype, like.numel())
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) >= _MAX_VIEWS:
+                self._views.clear()
+            base = _HEADER + (seq & 1) * self.size * self.slot_bytes
+            views = [torch.frombuffer(self._buf, dtype=like.dtype, count=like.numel(),
+                                      offset=base + r * self.slot_bytes) if like.numel() else like.new_empty(0)
+                     for r in range(self.size)]
+            self._views[key] = views
+        return views
 
     def _exchange(self, piece: torch.Tensor) -> list[torch.Tensor]:
         """Publish this rank's ``piece``; returns every rank's, in rank order (views of the segment, valid until
@@ -239,12 +252,13 @@ class HostComm:
             raise CollectiveError("the tensor-parallel group was aborted (a rank left it)")
         self._seq += 1
         seq = self._seq
-        self._slot(seq, self.rank, piece).copy_(piece)
+        slots = self._slots(seq, piece)
+        slots[self.rank].copy_(piece)
         self._seqs[self.rank] = seq  # after the data: x86-64 keeps stores in order
         for peer in range(self.size):
             if peer != self.rank and self._seqs[peer] < seq:
                 self._wait(peer, seq)
-        return [self._slot(seq, r, piece) for r in range(self.size)]
+        return slots
 
     def _wait(self, peer: int, seq: int) -> None:
         seqs, abort = self._seqs, self._abort
