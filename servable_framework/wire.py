@@ -145,6 +145,24 @@ def encode_instances(instances: Sequence[Instance], buffers: list[Frame],
     return [{name: encode_value(v, buffers, place) for name, v in inst.items()} for inst in instances]
 
 
+def check_instance_count(instances: Sequence[Instance], limit: int | None = None) -> None:
+    """A request's instance count, as Main's admission and a Worker check it: at least one, at most ``limit``
+    (None: no limit). Raises `InvalidInput` with MindSpore's texts."""
+    if not instances:
+        raise InvalidInput("Instances count of request cannot be 0")
+    if limit is not None and len(instances) > limit:
+        raise InvalidInput(f"Instances count {len(instances)} of request exceeds the limit {limit}")
+
+
+def check_required_inputs(instances: Sequence[Instance], required: Sequence[str], servable: str, method: str) -> None:
+    """Every instance holds every ``required`` input (first missing one, in order, raises `InvalidInput`)."""
+    for inst in instances:
+        for name in required:
+            if name not in inst:
+                raise InvalidInput(f"Cannot find input {name} in instance input , servable {servable}, "
+                                   f"method {method}")
+
+
 def decode_instances(raw: Any, buffers: Sequence[Frame], shm: ShmReader | None = None) -> list[Instance]:
     if not isinstance(raw, list):
         raise InvalidInput("malformed request: 'instances' must be a list")

@@ -32,7 +32,6 @@ from typing import Any
 
 from servable_framework import transport
 from servable_framework.errors import (
-    InvalidInput,
     NotFound,
     Overloaded,
     RequestTimeout,
@@ -43,7 +42,14 @@ from servable_framework.main.metrics import DispatcherCollector, Metrics, Outcom
 from servable_framework.main.workers import StreamItem, WorkerHandle, WorkerLost, WorkerSet, WorkerState
 from servable_framework.settings import Settings
 from servable_framework.shm import ReplySpace, keep_reference
-from servable_framework.wire import Instance, Kind, decode_value, encode_instances
+from servable_framework.wire import (
+    Instance,
+    Kind,
+    check_instance_count,
+    check_required_inputs,
+    decode_value,
+    encode_instances,
+)
 from servable_framework.worker.streaming import not_streaming
 
 Result = Instance | ServingError
@@ -168,17 +174,9 @@ class Dispatcher:
             self.stats["rejected"] += 1
             raise Overloaded(f"Serving Error: enqueued requests count exceeds the limit "
                              f"{self.settings.max_enqueued_requests}")
-        if not instances:
-            raise InvalidInput("Instances count of request cannot be 0")
-        if len(instances) > self.settings.max_instances_per_request:
-            raise InvalidInput(f"Instances count {len(instances)} of request exceeds the limit "
-                               f"{self.settings.max_instances_per_request}")
+        check_instance_count(instances, self.settings.max_instances_per_request)
         handle = self.pick(servable, method, version)
-        for inst in instances:
-            for name in handle.methods[method]:
-                if name not in inst:
-                    raise InvalidInput(f"Cannot find input {name} in instance input , servable {servable}, "
-                                       f"method {method}")
+        check_required_inputs(instances, handle.methods[method], servable, method)
         return handle
 
     def _started(self) -> None:

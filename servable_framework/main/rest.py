@@ -196,14 +196,20 @@ class PredictPath:
             body = await read_body(receive, None if declared is None else declared.decode("latin-1"),
                                    self.max_msg_bytes)
             timeout_text = None if timeout_raw is None else timeout_raw.decode("latin-1")
-            if _valid_timeout(timeout_text):  # else the body's own errors come first: parsed here
+            bad_timeout: InvalidInput | None = None
+            try:
+                timeout = parse_timeout(timeout_text)
+            except InvalidInput as exc:  # the body's own errors come first: it is parsed here, then this raised
+                timeout, bad_timeout = None, exc
+            if bad_timeout is None:
                 answer = await until_disconnect(
                     receive, self.dispatcher.predict_rest(target.servable, target.method, target.version, body,
-                                                          parse_timeout(timeout_text)), path)
+                                                          timeout), path)
                 if answer is not None:
                     return Response(answer.body, status_code=answer.status, media_type=JSON)
             instances = parse_body(body)
-            timeout = parse_timeout(timeout_text)
+            if bad_timeout is not None:
+                raise bad_timeout
             results = await until_disconnect(
                 receive, self.dispatcher.predict(target.servable, target.method, target.version, instances,
                                                  timeout, protocol="rest"), path)
@@ -213,14 +219,6 @@ class PredictPath:
             log.exception("unexpected error on %s", path)
             return _error_response(ServingError(f"Serving Error: internal error: {type(exc).__name__}"))
         return _results_response(results)
-
-
-def _valid_timeout(text: str | None) -> bool:
-    try:
-        parse_timeout(text)
-    except InvalidInput:
-        return False
-    return True
 
 
 async def _stream_response(request: Request, stream: AsyncIterator[StreamPiece], count: int) -> Response:

@@ -167,7 +167,7 @@ class LocalModel:
         return [r.detach().cpu().numpy() for r in results]
 
 
-CHECKED_SIGNATURES = 256  # input signatures (dtypes, shapes, devices) a program's input check remembers
+CHECKED_SIGNATURES = 256  # input signatures (dtypes, shapes, strides, devices) a program's input check remembers
 
 
 def _cache_input_checks(module: Any) -> Any:

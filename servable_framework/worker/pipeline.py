@@ -23,7 +23,7 @@ from typing import Any
 
 from servable_framework.errors import InvalidInput, NotFound, RequestTimeout, ServingError
 from servable_framework.servable.spec import MethodSpec, ServableSpec, StageSpec
-from servable_framework.wire import Instance, Value
+from servable_framework.wire import Instance, Value, check_instance_count, check_required_inputs
 from servable_framework.worker.batcher import ModelBatcher, StreamingBackend
 from servable_framework.worker.cancel import CancelToken
 from servable_framework.worker.streaming import OutputDiff, Piece, accumulate, not_streaming
@@ -77,15 +77,10 @@ class MethodRunner:
         method = self.method(method_name)
         if stream is not None and not method.stream:
             raise not_streaming(self.spec.name, method.name)
-        if not instances:
-            raise InvalidInput("Instances count of request cannot be 0")
-        slots = []
-        for index, inst in enumerate(instances):
-            for name in method.required_inputs:
-                if name not in inst:
-                    raise InvalidInput(f"Cannot find input {name} in instance input , servable {self.spec.name}, "
-                                       f"method {method.name}")
-            slots.append(_Slot([inst.get(name, method.defaults.get(name)) for name in method.input_names], index))
+        check_instance_count(instances)
+        check_required_inputs(instances, method.required_inputs, self.spec.name, method.name)
+        slots = [_Slot([inst.get(name, method.defaults.get(name)) for name in method.input_names], index)
+                 for index, inst in enumerate(instances)]
         streamer = _Streamer(stream, cancel) if stream is not None else None
         k_stream = self._stream_stage(method) if streamer is not None else None
         for k, stage in enumerate(method.stages, start=1):

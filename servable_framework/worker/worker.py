@@ -31,7 +31,18 @@ from servable_framework.main.metrics import token_counts
 from servable_framework.main.rest_codec import encode_error, parse_body, render_json, render_results
 from servable_framework.servable.declare import GraphRunner
 from servable_framework.servable.loader import LoadedServable, load_servable, resolve_version
-from servable_framework.wire import Frame, Kind, Value, decode_instances, encode_instances, encode_value, pack, unpack
+from servable_framework.wire import (
+    Frame,
+    Kind,
+    Value,
+    check_instance_count,
+    check_required_inputs,
+    decode_instances,
+    encode_instances,
+    encode_value,
+    pack,
+    unpack,
+)
 from servable_framework.worker.batcher import ModelBatcher
 from servable_framework.worker.cancel import CancelToken
 from servable_framework.worker.pipeline import MethodRunner
@@ -234,14 +245,7 @@ class Worker:
         except Exception as exc:  # a bug in the framework: report it, keep serving
             log.exception("request %s failed", request_id)
             reply, out_buffers = {"id": request_id, "error": ServingError(f"System error: {exc}").to_wire()}, []
-        out = pack(Kind.RESULT, reply, out_buffers)
-        if on_loop:
-            self._answer(request_id, out, frames)
-            return
-        try:  # ``frames`` travels along: stages may have returned zero-copy views of the input buffers
-            self.loop.call_soon_threadsafe(self._answer, request_id, out, frames)
-        except RuntimeError:  # the loop is closed: this Worker is exiting, Main fails the request
-            pass
+        self._reply(request_id, pack(Kind.RESULT, reply, out_buffers), frames, on_loop)
 
     def _predict_rest(self, request_id: Any, header: dict[str, Any], buffers: Any, frames: Any, token: CancelToken,
                       on_loop: bool = False) -> None:
@@ -260,15 +264,8 @@ class Worker:
             assert self.runner is not None
             method = self.runner.method(str(header.get("method")))
             limit = header.get("max_instances")
-            if not instances:
-                raise InvalidInput("Instances count of request cannot be 0")
-            if isinstance(limit, int) and len(instances) > limit:
-                raise InvalidInput(f"Instances count {len(instances)} of request exceeds the limit {limit}")
-            for inst in instances:
-                for name in method.required_inputs:
-                    if name not in inst:
-                        raise InvalidInput(f"Cannot find input {name} in instance input , servable "
-                                           f"{self.runner.spec.name}, method {method.name}")
+            check_instance_count(instances, limit if isinstance(limit, int) else None)
+            check_required_inputs(instances, method.required_inputs, self.runner.spec.name, method.name)
             at = "run"
             results = self.runner.run(method.name, instances, token, None)
             status, body = render_results(results)
@@ -281,11 +278,14 @@ class Worker:
             at, status, body = "run", error.http_status, render_json(encode_error(error))
         reply = {"id": request_id, "at": at, "status": status, "count": count, "tokens": list(tokens),
                  "batches": self._batch_stats()}
-        out = pack(Kind.RESULT, reply, [body])
+        self._reply(request_id, pack(Kind.RESULT, reply, [body]), frames, on_loop)
+
+    def _reply(self, request_id: Any, out: list[Any], frames: Any, on_loop: bool) -> None:
+        """Send a request's RESULT from the loop (now, ``on_loop``) or from a request thread (handed over)."""
         if on_loop:
             self._answer(request_id, out, frames)
             return
-        try:
+        try:  # ``frames`` travels along: stages may have returned zero-copy views of the input buffers
             self.loop.call_soon_threadsafe(self._answer, request_id, out, frames)
         except RuntimeError:  # the loop is closed: this Worker is exiting, Main fails the request
             pass
