@@ -29,6 +29,7 @@ from servable_framework.curve import CurveKeys
 from servable_framework.logs import setup_logging
 from servable_framework.main import auth, http
 from servable_framework.main.dispatcher import Dispatcher
+from servable_framework.main.fast_http import ServingHttpProtocol
 from servable_framework.main.rest import build_app
 from servable_framework.main.workers import WorkerHandle, WorkerSet
 from servable_framework.main.zmq_frontend import ZmqFrontend
@@ -111,8 +112,10 @@ class Master:
             "ssl_certfile": tls.certificate, "ssl_keyfile": tls.private_key, "ssl_ca_certs": tls.custom_ca,
             "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.verify_client else ssl.CERT_NONE, "ssl_ciphers": CIPHERS}
         auth.warn_if_exposed(ip, api_keys, tls is not None)
+        # uvicorn's options, with its httptools protocol answering MindSpore's predict itself (`fast_http`)
+        options = {**http.UVICORN_OPTIONS, "http": ServingHttpProtocol}
         config = uvicorn.Config(build_app(self.dispatcher, max_msg_bytes, api_keys), lifespan="off",
-                                **http.UVICORN_OPTIONS, **ssl_args)
+                                **options, **ssl_args)
         server = uvicorn.Server(config)
         self.rest = server
 

@@ -74,6 +74,12 @@ def _error_response(exc: ServingError) -> Response:
     return JSONResponse(encode_error(exc), status_code=exc.http_status, headers=headers)
 
 
+def _bug_response(path: str, exc: Exception) -> Response:
+    """A bug: logged, answered 500 in the contract's shape; the server keeps serving."""
+    log.exception("unexpected error on %s", path, exc_info=exc)
+    return _error_response(ServingError(f"Serving Error: internal error: {type(exc).__name__}"))
+
+
 def _results_response(results: list[Result]) -> Response:
     status, body = render_results(results)
     return Response(body, status_code=status, media_type=JSON)
@@ -192,9 +198,23 @@ class PredictPath:
     async def _predict(self, path: str, receive: Receive, declared: bytes | None,
                        timeout_raw: bytes | None) -> Response:
         try:
-            target = parse_url(path)
+            parse_url(path)  # the URL's errors come before the body's size
             body = await read_body(receive, None if declared is None else declared.decode("latin-1"),
                                    self.max_msg_bytes)
+        except ServingError as exc:
+            return _error_response(exc)
+        except Exception as exc:
+            return _bug_response(path, exc)
+        return await self.respond(path, body, timeout_raw, receive)
+
+    async def respond(self, path: str, body: bytes, timeout_raw: bytes | None,
+                      receive: Receive | None = None) -> Response:
+        """The answer to MindSpore's predict of ``path`` (a `_PLAIN` path) with a whole ``body`` within the size
+        limit and the deadline header's raw value. With ``receive`` (the ASGI route) the dispatch is cancelled
+        when the client hangs up (`until_disconnect`); without, the caller cancels the calling task then
+        (`servable_framework.main.fast_http`)."""
+        try:
+            target = parse_url(path)
             timeout_text = None if timeout_raw is None else timeout_raw.decode("latin-1")
             bad_timeout: InvalidInput | None = None
             try:
@@ -202,22 +222,20 @@ class PredictPath:
             except InvalidInput as exc:  # the body's own errors come first: it is parsed here, then this raised
                 timeout, bad_timeout = None, exc
             if bad_timeout is None:
-                answer = await until_disconnect(
-                    receive, self.dispatcher.predict_rest(target.servable, target.method, target.version, body,
-                                                          timeout), path)
+                work = self.dispatcher.predict_rest(target.servable, target.method, target.version, body, timeout)
+                answer = await (work if receive is None else until_disconnect(receive, work, path))
                 if answer is not None:
                     return Response(answer.body, status_code=answer.status, media_type=JSON)
             instances = parse_body(body)
             if bad_timeout is not None:
                 raise bad_timeout
-            results = await until_disconnect(
-                receive, self.dispatcher.predict(target.servable, target.method, target.version, instances,
-                                                 timeout, protocol="rest"), path)
+            run = self.dispatcher.predict(target.servable, target.method, target.version, instances, timeout,
+                                          protocol="rest")
+            results = await (run if receive is None else until_disconnect(receive, run, path))
         except ServingError as exc:
             return _error_response(exc)
-        except Exception as exc:  # a bug: log it, answer 500 in the contract's shape, keep serving
-            log.exception("unexpected error on %s", path)
-            return _error_response(ServingError(f"Serving Error: internal error: {type(exc).__name__}"))
+        except Exception as exc:
+            return _bug_response(path, exc)
         return _results_response(results)
 
 

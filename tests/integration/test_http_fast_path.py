@@ -1,0 +1,165 @@
+"""Main's HTTP protocol answers MindSpore's predict from the parser (`servable_framework.main.fast_http`): the
+same answers as uvicorn's ASGI route, HTTP/1.1 connection rules kept (pipelining in order, ``Connection:
+close``, HTTP/1.0), and a client that hangs up cancels its request. Real Main and Worker processes, raw sockets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import free_port, wait_until
+
+SERVABLES = Path(__file__).resolve().parents[1] / "support" / "servables"
+ADD = "/model/add:add_common"
+GOOD = json.dumps({"instances": [{"x1": [[1.0, 2.0], [3.0, 4.0]], "x2": [[0.5, 0.5], [0.5, 0.5]]}]}).encode()
+EXPECTED = {"instances": [{"y": [[1.5, 2.5], [3.5, 4.5]]}]}
+
+
+@pytest.fixture(scope="module")
+def server(module_servers, add_dir, tmp_path_factory):
+    """One Main serving `add` (the tensor_add example) and `failover_echo` (a stage that can sleep)."""
+    from tests.support.procs import Rest, child_env
+
+    echo_root = tmp_path_factory.mktemp("echo")
+    shutil.copytree(SERVABLES / "failover_echo", echo_root / "failover_echo",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    port = free_port()
+    proc = module_servers.start(["-m", "tests.support.serve", "local", "--dir", str(add_dir), "--name", "add",
+                                 "--rest", f"127.0.0.1:{port}", "--device-ids", "0",
+                                 "--also-local", str(echo_root), "failover_echo"], "server-fast-http", env=child_env())
+    rest = Rest(port)
+    rest.wait_ready(proc, 120)
+    yield port, rest
+    rest.close()
+
+
+def request(path: str, body: bytes, *, version: bytes = b"1.1", extra: bytes = b"", chunked: bool = False,
+            method: bytes = b"POST") -> bytes:
+    head = b"%s %s HTTP/%s\r\nHost: t\r\nContent-Type: application/json\r\n%s" % (method, path.encode(), version,
+                                                                                extra)
+    if chunked:
+        half = len(body) // 2
+        parts = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:half], body[half:]) if p)
+        return head + b"Transfer-Encoding: chunked\r\n\r\n" + parts + b"0\r\n\r\n"
+    return head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def exchange(port: int, data: bytes, count: int, timeout_s: float = 30) -> tuple[list[tuple[int, dict, bytes]], bool]:
+    """Send ``data`` on one connection and read ``count`` responses (each framed by its Content-Length, as
+    every answer of this server is): [(status, headers, body)], and whether the server then closed the
+    connection."""
+    out: list[tuple[int, dict, bytes]] = []
+    buf = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+
+        def more() -> bool:
+            nonlocal buf
+            chunk = sock.recv(65536)
+            buf += chunk
+            return bool(chunk)
+
+        while len(out) < count:
+            while b"\r\n\r\n" not in buf:
+                assert more(), f"closed after {len(out)} responses"
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            status_line, *lines = head.decode("latin-1").split("\r\n")
+            assert status_line.startswith("HTTP/1.1 "), status_line
+            headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+            size = int(headers["content-length"])
+            while len(buf) < size:
+                assert more(), "closed mid-body"
+            out.append((int(status_line.split()[1]), headers, buf[:size]))
+            buf = buf[size:]
+        assert buf == b"", buf
+        sock.settimeout(2)
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+    return out, closed
+
+
+def test_answers_match_the_asgi_route(server) -> None:
+    """A chunked body is not taken by the fast path (no Content-Length): uvicorn's ASGI route answers it.
+    Both answer every body alike: status, body and content type."""
+    port, _ = server
+    bodies = [GOOD, b"{not json", b'{"instances": []}', b'{"instances": [{"x1": [[1.0]], "x2": [[1.0]]}]}',
+              b"", json.dumps({"instances": [{"x1": [[1, 2], [3, 4]], "x2": [[1, 2], [3, 4]]}]}).encode()]
+    for body in bodies:
+        fast, _ = exchange(port, request(ADD, body), 1)
+        if body:
+            slow, _ = exchange(port, request(ADD, body, chunked=True), 1)
+        else:  # an empty chunked body is just the terminator
+            slow, _ = exchange(port, request(ADD, body, extra=b"Transfer-Encoding: chunked\r\n", chunked=False)
+                               .replace(b"Content-Length: 0\r\n", b"") + b"0\r\n\r\n", 1)
+        assert fast[0][0] == slow[0][0], (body, fast, slow)
+        assert json.loads(fast[0][2]) == json.loads(slow[0][2]), body
+        assert fast[0][1]["content-type"] == slow[0][1]["content-type"] == "application/json"
+    assert json.loads(exchange(port, request(ADD, GOOD), 1)[0][0][2]) == EXPECTED
+    status, _, body = exchange(port, request(ADD, b"{not json"), 1)[0][0]
+    assert status == 400 and "Illegal JSON format" in json.loads(body)["error_msg"]
+
+
+def test_pipelined_requests_are_answered_in_order(server) -> None:
+    """Predicts (fast path), a GET (the app) and a chunked predict (the app) sent at once on one connection are
+    answered in the order they were sent."""
+    port, _ = server
+    second = json.dumps({"instances": [{"x1": [[1.0, 1.0], [1.0, 1.0]], "x2": [[1.0, 1.0], [1.0, 1.0]]}]}).encode()
+    data = (request(ADD, GOOD) + request("/health", b"", method=b"GET") + request(ADD, second)
+            + request(ADD, GOOD, chunked=True) + request(ADD, b"{bad"))
+    out, closed = exchange(port, data, 5)
+    assert [s for s, _, _ in out] == [200, 200, 200, 200, 400]
+    assert json.loads(out[0][2]) == EXPECTED
+    assert json.loads(out[1][2]) == {"status": "alive"}
+    assert json.loads(out[2][2]) == {"instances": [{"y": [[2.0, 2.0], [2.0, 2.0]]}]}
+    assert json.loads(out[3][2]) == EXPECTED
+    assert "Illegal JSON format" in json.loads(out[4][2])["error_msg"]
+    assert not closed  # keep-alive
+
+
+@pytest.mark.parametrize("how", ["connection_close", "http_1_0"])
+def test_closing_requests_are_answered_then_closed(server, how) -> None:
+    port, _ = server
+    data = request(ADD, GOOD, extra=b"Connection: close\r\n") if how == "connection_close" \
+        else request(ADD, GOOD, version=b"1.0")
+    out, closed = exchange(port, data, 1)
+    assert out[0][0] == 200 and json.loads(out[0][2]) == EXPECTED
+    assert closed
+
+
+def cancelled(rest) -> float:
+    for line in rest.get("/metrics").text.splitlines():
+        if line.startswith("servable_requests_finished_total{") and 'servable="failover_echo"' in line \
+                and 'outcome="cancelled"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def inflight(rest) -> float:
+    for line in rest.get("/metrics").text.splitlines():
+        if line.startswith("servable_requests_inflight "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_that_hangs_up_cancels_its_request(server) -> None:
+    """The request (held 5 s in its stage) ends as cancelled as soon as its client hangs up, long before its
+    stage would have let it finish; the server keeps answering."""
+    port, rest = server
+    before = cancelled(rest)
+    body = json.dumps({"instances": [{"x": [1.0, 2.0], "sleep_ms": 5000}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(request("/model/failover_echo:echo", body))
+    wait_until(lambda: inflight(rest) == 1, 10, "the request to be in flight")
+    start = time.monotonic()
+    sock.close()
+    wait_until(lambda: cancelled(rest) == before + 1, 10, "the hang-up to cancel the request")
+    assert time.monotonic() - start < 4, "counted only when the stage ended: the hang-up was not noticed"
+    out, _ = exchange(port, request(ADD, GOOD), 1)
+    assert json.loads(out[0][2]) == EXPECTED
