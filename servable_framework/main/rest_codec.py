@@ -83,7 +83,9 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _JSON_SCALARS = (bool, int, float, str)
-_ENCODABLE_FLOATS = ("float16", "float32", "float64")
+_ENCODABLE_FLOATS = frozenset(np.dtype(name) for name in ("float16", "float32", "float64"))  # dtypes, not
+# names: ``dtype.name`` is computed in Python on every read (19 of the 45 us a 2x2 output took to encode)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -412,7 +414,11 @@ def _flatten(value: list[Any], shape: list[int], leaf_type: type) -> list[Any]:
     the last dimension, in order (numpy builds the array from them in one C call)."""
     rows: list[Any] = []
     last = len(shape) - 1
-    stack: list[tuple[Any, int]] = [(value, 0)]
+    if last == 0:  # a vector: `_array_shape` measured it
+        rows = [value]
+    elif last == 1 and all(isinstance(row, list) and len(row) == shape[1] for row in value):  # a matrix
+        rows = value
+    stack: list[tuple[Any, int]] = [] if rows else [(value, 0)]
     while stack:
         node, depth = stack.pop()
         if not isinstance(node, list):
@@ -461,8 +467,12 @@ def _to_int32(rows: list[Any], shape: list[int]) -> np.ndarray:
 
 def _to_float32(rows: list[Any], shape: list[int]) -> np.ndarray:
     """``rows`` (the last dimension's lists, or one bare float) as a float32 array of ``shape``."""
+    wide = np.array(rows, dtype=np.float64)
+    # within float32's range (a NaN fails both tests): the cast is exact or rounds to a finite value
+    if np.minimum.reduce(wide, axis=None) >= -_FLOAT32_MAX and np.maximum.reduce(wide, axis=None) <= _FLOAT32_MAX:
+        return wide.astype(np.float32).reshape(shape)
     with np.errstate(over="ignore"):
-        narrow = np.array(rows, dtype=np.float64).astype(np.float32)
+        narrow = wide.astype(np.float32)
     finite = np.isfinite(narrow)
     if not finite.all():
         bad = _leaves(rows)[int(np.argmin(finite))]
@@ -647,9 +657,9 @@ def _encode_value(name: str, value: Any) -> Any:
 def _encode_array(name: str, array: np.ndarray) -> Any:
     if array.dtype.kind in "biu":
         return array.tolist()
-    if array.dtype.name in _ENCODABLE_FLOATS:
+    if array.dtype in _ENCODABLE_FLOATS:
         finite = np.isfinite(array)
-        if finite.all():
+        if np.logical_and.reduce(finite, axis=None):  # (the ufunc: ``ndarray.all`` goes through a Python wrapper)
             return array.tolist()  # float16/float32 widen exactly to Python floats
         boxed = array.astype(object)
         boxed[~finite] = None  # JSON has no NaN/Infinity: null, as nlohmann writes them

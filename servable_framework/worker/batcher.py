@@ -78,7 +78,9 @@ class ModelBatcher:
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._lock = threading.Lock()  # one thread gathers at a time, so batches are formed in FIFO order
         # the model runs one batch at a time per runner thread; an inline run takes a runner's place
-        self._slots = threading.Semaphore(concurrency)
+        # (a plain lock for one: a Semaphore is a Python-level Condition, several us per acquire and release)
+        self._slots: threading.Semaphore | threading.Lock = \
+            threading.Lock() if concurrency == 1 else threading.Semaphore(concurrency)
         self._streaming = isinstance(backend, StreamingBackend)  # a runtime Protocol check is slow: once
         self._inline = backend.batch_size == 1 and not self._streaming
         self._fast_runs = 0  # calls in a row shorter than INLINE_MAX_S
@@ -118,6 +120,22 @@ class ModelBatcher:
                     cancel.on_cancel(fut.cancel)  # a no-op once the batch runs it
             futures.append(fut)
         return futures
+
+    def run_now(self, values: list[Value]) -> Outputs | ServingError | None:
+        """One instance run on the calling thread at once, with no future, when `submit` would run it inline
+        (batch size 1, idle): its outputs or its error. None when it would be queued: `submit` it then."""
+        if not self._inline or not self._queue.empty() or not self._slots.acquire(blocking=False):
+            return None
+        try:
+            try:
+                checked = self.backend.check_instance(values)
+            except ServingError as exc:
+                return exc
+            self.batches_run += 1
+            self.instances_run += 1
+            return self._run_plain([checked])[0]
+        finally:
+            self._slots.release()
 
     def loop_safe(self) -> bool:
         """True when a call of this model may run on the Worker's event loop now: inline-capable (see the
@@ -174,9 +192,7 @@ class ModelBatcher:
                 else:
                     results = backend.run_streaming(values, on_result, cancels)
             else:
-                t0 = time.perf_counter()
-                results = self.backend.run(values)
-                self._timed(time.perf_counter() - t0)
+                results = self._run_plain(values)
         except ServingError as exc:
             results = [exc] * len(live)
         except Exception as exc:  # a model failure fails its batch, never the thread
@@ -188,6 +204,19 @@ class ModelBatcher:
             if sink is not None:
                 sink.end()
 
+
+    def _run_plain(self, values: list[list[Value]]) -> Sequence[Outputs | ServingError]:
+        """A batch through a non-streaming backend, timed for `loop_safe`; a failure fails the whole batch."""
+        try:
+            t0 = time.perf_counter()
+            results = self.backend.run(values)
+            self._timed(time.perf_counter() - t0)
+            return results
+        except ServingError as exc:
+            return [exc] * len(values)
+        except Exception as exc:  # a model failure fails its batch, never the thread
+            log.exception("model %s failed on a batch of %d", self.name, len(values))
+            return [ServingError(f"{type(exc).__name__}: {exc}")] * len(values)
 
     def _timed(self, seconds: float) -> None:
         if seconds < INLINE_MAX_S:

@@ -151,7 +151,7 @@ class LocalModel:
                 batch.append(instances[0][i])
                 continue
             parts = [np.asarray(inst[i])[None] for inst in instances] + [np.asarray(instances[0][i])[None]] * pad
-            batch.append(np.concatenate(parts, axis=0))
+            batch.append(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))  # (`_forward` copies)
         outputs = cast("list[np.ndarray]", self._forward(batch))  # `_forward` returns arrays only
         return [[o[j] for o in outputs] for j in range(n)]
 

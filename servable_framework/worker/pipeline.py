@@ -174,13 +174,18 @@ class MethodRunner:
 
     def _run_model(self, k: int, stage: StageSpec, live: list[_Slot], cancel: CancelToken | None) -> None:
         assert stage.model is not None
-        futures: list[Future[list[Value]]] = self.batchers[stage.model.key].submit([s.args(stage) for s in live],
-                                                                                  cancel)
+        batcher = self.batchers[stage.model.key]
+        if len(live) == 1:  # an idle batch-size-1 model runs it right here, with no future
+            done = batcher.run_now(live[0].args(stage))
+            if done is not None:
+                self._set_model_outputs(k, stage, live[0], done)
+                return
+        futures: list[Future[list[Value]]] = batcher.submit([s.args(stage) for s in live], cancel)
         for slot, fut in zip(live, futures):
             self._take_model_outputs(k, stage, slot, fut)
 
-    @staticmethod
-    def _take_model_outputs(k: int, stage: StageSpec, slot: _Slot, fut: Future[list[Value]]) -> None:
+    @classmethod
+    def _take_model_outputs(cls, k: int, stage: StageSpec, slot: _Slot, fut: Future[list[Value]]) -> None:
         """Wait for the model outputs of one instance; they become ``slot.values[k]``, or its error."""
         try:
             outputs = fut.result()
@@ -189,6 +194,13 @@ class MethodRunner:
             return
         except CancelledError:
             slot.error = _cancelled()
+            return
+        cls._set_model_outputs(k, stage, slot, outputs)
+
+    @staticmethod
+    def _set_model_outputs(k: int, stage: StageSpec, slot: _Slot, outputs: list[Value] | ServingError) -> None:
+        if isinstance(outputs, ServingError):
+            slot.error = outputs
             return
         if len(outputs) != stage.outputs_count:
             # a shard (distributed model) declares no outputs count: it is known only now (a program's was
