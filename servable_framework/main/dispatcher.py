@@ -100,6 +100,15 @@ class Dispatcher:
         self.metrics = Metrics(known_servable=lambda name: any(
             h.servable == name for h in self.workers.workers.values()))
         self.metrics.add_collector(DispatcherCollector(self))
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running event loop (Main's; remembered: ``asyncio.get_running_loop`` makes a ``getpid`` system
+        call on every call in Python 3.11, several times per request)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _spec(self, servable: str, method: str, version: int) -> str:
         v = f" version({version})" if version else ""
@@ -357,7 +366,7 @@ class Dispatcher:
                       reply_space: ReplySpace | None = None) -> list[Result]:
         """Run ``instances`` over the endpoint's Workers (`_plan`) within one deadline; results in order. The
         reply space goes with a request that runs whole on one Worker only (chunks would share it)."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        deadline = self.loop().time() + timeout_s
         plan = self._plan(first, method, len(instances))
         if len(plan) == 1:
             return await self._run_chunk(first, method, instances, deadline, timeout_s, reply_space)
@@ -386,7 +395,7 @@ class Dispatcher:
         """Run ``instances`` on ``handle``; when that Worker is lost with them in flight, once more on the
         least-loaded sibling READY Worker. Raises `Unavailable` (never `WorkerLost`) naming the lost Worker when
         no sibling can take them."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop()
         retried = False
         while True:
             try:
@@ -429,7 +438,7 @@ class Dispatcher:
         if wait_s <= 0:  # a re-run found the deadline spent
             raise RequestTimeout(f"Request timed out after {timeout_s:g} s")
         request_id = header["id"] = next(self._ids)
-        loop = asyncio.get_running_loop()
+        loop = self.loop()
         fut: asyncio.Future[Any] = loop.create_future()
         handle.inflight[request_id] = fut
         # the deadline as a timer on the reply's own future (asyncio.wait_for adds a future and callbacks)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -117,6 +117,16 @@ class Metrics:
             "servable_requests_finished",
             "Requests admitted to a Worker, by outcome: ok, error, cancelled (the client went away).",
             (*labels, "outcome"), registry=self.registry)
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def children(self, labels: tuple[str, str], outcome: Outcome) -> tuple[Any, Any]:
+        """The latency and finished-count series of (servable, protocol) and ``outcome`` (kept: ``labels()``
+        looks them up under a lock on every call)."""
+        key = (*labels, outcome)
+        pair = self._children.get(key)
+        if pair is None:
+            pair = self._children[key] = (self.latency.labels(*labels), self.finished.labels(*key))
+        return pair
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
@@ -177,9 +187,10 @@ class RequestRecord:
         if self._done:
             return
         self._done = True
+        latency, finished = self._metrics.children(self._labels, outcome)
         if outcome == "ok":
-            self._metrics.latency.labels(*self._labels).observe(time.perf_counter() - self._start)
-        self._metrics.finished.labels(*self._labels, outcome).inc()
+            latency.observe(time.perf_counter() - self._start)
+        finished.inc()
 
     def _tokens(self, outputs: Instance) -> None:
         self.tokens(_output_tokens(outputs, PROMPT_OUTPUTS), _output_tokens(outputs, GENERATED_OUTPUTS))

@@ -111,7 +111,7 @@ class ZmqFrontend:
         self._spawn(b"unix:" + identity, frames, reply)
 
     def _spawn(self, client: bytes, parts: list[Any], reply: Reply) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(client, parts, reply))
+        task = self.dispatcher.loop().create_task(self._handle(client, parts, reply))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 

@@ -9,6 +9,7 @@ import torch
 
 from servable_framework.worker.local_model import (
     _cache_input_checks,
+    _flat_program,
     _program_call,
     _RememberedCheck,
     _RememberedGuards,
@@ -119,3 +120,32 @@ def test_a_program_with_other_hooks_keeps_the_module_call() -> None:
     module = _cache_input_checks(_program().module())
     module.register_forward_hook(lambda m, a, out: None)
     assert _program_call(module) is module
+
+
+class TwoOut(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x + y, x * y
+
+
+class Nested(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+        return x + y, (x * y,)
+
+
+def test_flat_programs_run_their_graph_without_pytree_and_answer_the_same() -> None:
+    """Positional tensors in, a tensor or a flat tuple out: the graph runs without the pytree wrapping and the
+    in-graph guards call (`_flat_program`), with the same outputs and structure as the program; a nested output
+    keeps the program's own forward."""
+    x, y = torch.arange(6.0).reshape(2, 3), torch.full((2, 3), 0.5)
+    for module_cls, flat in ((Scale, True), (TwoOut, True), (Nested, False)):
+        program = torch.export.export(module_cls(), (x, y))
+        assert (_flat_program(_cache_input_checks(program.module())) is not None) is flat, module_cls
+        plain = program.module()
+        call = _program_call(_cache_input_checks(program.module()))
+        for _ in range(2):
+            want, got = plain(x, y), call(x, y)
+            assert type(want) is type(got)
+            for w, g in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)):
+                assert torch.equal(w, g)
+        with pytest.raises(Exception):  # noqa: B017 - the text is torch's
+            call(torch.ones(3, 3), y)  # a static dim that differs: still refused
