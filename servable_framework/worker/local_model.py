@@ -304,13 +304,13 @@ def _flat_program(module: Any) -> tuple[Any, Any, bool] | None:
 
         graph = getattr(module, "graph", None)
         codegen = getattr(graph, "_codegen", None)
-        if not isinstance(codegen, _PyTreeCodeGen):
+        if not isinstance(graph, torch.fx.Graph) or not isinstance(codegen, _PyTreeCodeGen):
             return None
         info = codegen.pytree_info
         if info.in_spec != pytree.tree_structure((tuple(range(len(info.orig_args))), {})):
             return None
         out = info.out_spec
-        if not (out.is_leaf() or (out.type in (tuple, list) and all(c.is_leaf() for c in out.children_specs))):
+        if out is None or not (out.is_leaf() or (out.type in (tuple, list) and all(c.is_leaf() for c in out.children_specs))):
             return None
         new = torch.fx.Graph()
         new.output(new.graph_copy(graph, {}))  # (a Graph's own code generation: positional in, tuple out)
