@@ -37,7 +37,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from servable_framework import curve, shm, transport, unixlink
 from servable_framework.servable import checks
-from servable_framework.wire import DTYPES, Kind, Value, decode_value, encode_value, pack, unpack
+from servable_framework.wire import DTYPES, WIRE_NAMES, Kind, Value, decode_value, encode_value, pack, unpack
 
 log = logging.getLogger("servable_framework.client")
 
@@ -52,7 +52,7 @@ CLIENT_MAX_BYTES = 512 * 1024 * 1024
 def _to_value(value: Any) -> Value:
     if isinstance(value, (np.ndarray, np.generic)):
         arr = np.asarray(value)
-        if arr.dtype.name not in DTYPES:
+        if arr.dtype not in WIRE_NAMES and arr.dtype.name not in DTYPES:  # (a native dtype is found as itself)
             raise RuntimeError(f"Unknown data type {arr.dtype}")
         return arr
     if isinstance(value, str):

@@ -68,7 +68,7 @@ class Kind(bytes, enum.Enum):
 
 
 _KINDS = {k.value: k for k in Kind}
-_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # dtype -> wire name (``dtype.name`` is slow)
+WIRE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # dtype -> wire name (``dtype.name`` is slow)
 
 
 def encode_value(value: Value, buffers: list[Frame], place: ShmPlacer | None = None) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def encode_value(value: Value, buffers: list[Frame], place: ShmPlacer | None = N
     if isinstance(value, np.generic):
         value = np.asarray(value)
     if isinstance(value, np.ndarray):
-        name = _NAMES.get(value.dtype)
+        name = WIRE_NAMES.get(value.dtype)
         if name is None:
             if value.dtype.name not in DTYPES:
                 raise InvalidInput(f"Unknown data type {value.dtype}")

@@ -156,7 +156,9 @@ class LocalModel:
         return [[o[j] for o in outputs] for j in range(n)]
 
     def _forward(self, values: list[Value]) -> list[Value]:
-        args = [torch.from_numpy(np.array(v)).to(self.device) for v in values]
+        args = [torch.from_numpy(np.array(v)) for v in values]
+        if self.device.type != "cpu":  # (a no-op `to` still costs a call per input)
+            args = [a.to(self.device) for a in args]
         result = self._call(*args)
         results = result if isinstance(result, (tuple, list)) else [result]
         if self.subgraph == 0 and self.spec.outputs_count is not None and len(results) != self.spec.outputs_count:
