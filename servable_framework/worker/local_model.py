@@ -312,7 +312,11 @@ def _flat_program(module: Any) -> tuple[Any, Any, bool] | None:
         if info.in_spec != pytree.tree_structure((tuple(range(len(info.orig_args))), {})):
             return None
         out = info.out_spec
-        if out is None or not (out.is_leaf() or (out.type in (tuple, list) and all(c.is_leaf() for c in out.children_specs))):
+        if out is None:
+            return None
+        # (``children()`` in newer torch, where ``children_specs`` warns that it is going)
+        kids = out.children() if hasattr(out, "children") else out.children_specs
+        if not (out.is_leaf() or (out.type in (tuple, list) and all(c.is_leaf() for c in kids))):
             return None
         new = torch.fx.Graph()
         new.output(new.graph_copy(graph, {}))  # (a Graph's own code generation: positional in, tuple out)
