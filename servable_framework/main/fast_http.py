@@ -81,8 +81,10 @@ class ServingHttpProtocol(HttpToolsProtocol):
     # -- the parser's callbacks -------------------------------------------------------------------------------
     def on_headers_complete(self) -> None:
         if self.hot is not None:  # pipelined behind one answered here: uvicorn queues it
-            self.cycle = _BUSY  # type: ignore[assignment]
+            previous, self.cycle = self.cycle, _BUSY  # type: ignore[assignment]
             super().on_headers_complete()
+            if self.cycle is _BUSY:  # it made no cycle (an upgrade): the stand-in must not stay
+                self.cycle = previous
             return
         if self.fast is not None and (self.cycle is None or self.cycle.response_complete):
             hot = self._classify(self.fast)
