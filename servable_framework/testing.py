@@ -15,26 +15,41 @@ import subprocess
 from pathlib import Path
 
 
+_HANDED_OUT: set[int] = set()  # ports this process has handed out: a caller may not have bound them yet
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody uses right now, below the kernel's ephemeral range when it can: a port
-    from that range (what ``bind(0)`` hands out) can be taken by any outgoing connection between this check and
-    the server's own bind, which failed a CI run once ("bind to the socket address ... failed")."""
+    """A TCP port on 127.0.0.1 that nobody uses right now and that this process has not handed out before, below
+    the kernel's ephemeral range when it can. A port from that range (what ``bind(0)`` hands out) can be taken by
+    any outgoing connection between this check and the server's own bind, which failed a CI run once ("bind to the
+    socket address ... failed"); and a caller that asks for several ports before binding any (REST, ZMQ and the
+    Distributed Worker's address) must not get the same one twice, which failed another."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 0
-    if low > 22000:
-        for _ in range(200):
-            port = random.randrange(21000, low)
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
+    candidates = (random.randrange(21000, low) for _ in range(200)) if low > 22000 else iter(())
+    for port in candidates:
+        if port not in _HANDED_OUT and _bindable(port):
+            _HANDED_OUT.add(port)
+            return port
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free TCP port found on 127.0.0.1 in 400 tries")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def child_env(marker: str, session: str, repo: Path, **extra: str) -> dict[str, str]:
