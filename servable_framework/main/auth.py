@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from starlette.responses import JSONResponse
@@ -124,7 +125,7 @@ class ApiKeyMiddleware:
         if scope["type"] not in ("http", "websocket") or not self.keys or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        key = _bearer(scope)
+        key = bearer_key(scope["headers"])
         if key is not None and self.keys.allows(key):
             await self.app(scope, receive, send)
             return
@@ -134,9 +135,9 @@ class ApiKeyMiddleware:
         await unauthorized(scope["path"], MISSING if key is None else INVALID)(scope, receive, send)
 
 
-def _bearer(scope: Scope) -> bytes | None:
-    """The key of the first ``Authorization: Bearer <key>`` header, None when there is none."""
-    for name, value in scope.get("headers", []):
+def bearer_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The key of the first ``Authorization: Bearer <key>`` header of raw ``headers``, None when there is none."""
+    for name, value in headers:
         if name.lower() == b"authorization":
             scheme, _, key = bytes(value).strip().partition(b" ")
             if scheme.lower() == b"bearer" and key.strip():

@@ -10,7 +10,7 @@ that task, as the ASGI route's watcher would.
 
 Answered here only when every condition below holds; any other request takes uvicorn's way unchanged (so the
 app, its middleware and its 401/413/SSE answers see it): HTTP/1.1, ``POST``, a plain ``/model/...`` path
-(`rest._PLAIN`, no ``%`` escape, no root path), a ``Content-Length`` within the body limit and no
+(`PredictPath.takes`, no ``%`` escape, no root path), a ``Content-Length`` within the body limit and no
 ``Transfer-Encoding``, no ``Expect: 100-continue``, no upgrade, no ``text/event-stream`` in ``Accept``, a valid
 API key when keys are configured, no access log, no concurrency limit, and nothing else in flight on the
 connection. A pipelined request that arrives while one is answered here waits in uvicorn's own queue.
@@ -24,13 +24,9 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from servable_framework.main import auth
-from servable_framework.main.http import EVENT_STREAM
-from servable_framework.main.rest import _PLAIN, _WANTED, PredictPath
+from servable_framework.main.rest import PredictPath
 
 log = logging.getLogger("servable_framework.rest")
-
-_EVENT_STREAM = EVENT_STREAM.encode()
 
 
 class _Busy:
@@ -112,44 +108,32 @@ class ServingHttpProtocol(HttpToolsProtocol):
         self.tasks.add(task)  # a graceful shutdown waits for it
 
     def _classify(self, fast: PredictPath) -> _Hot | None:
-        """A `_Hot` for the request whose headers were just parsed, when it is answered here (module docstring)."""
+        """A `_Hot` for the request whose headers were just parsed, when it is answered here (module docstring):
+        what `PredictPath` itself would answer (`PredictPath.takes`), framed in a way this class reads alone."""
         parser = self.parser
-        if parser.get_method() != b"POST" or parser.get_http_version() != "1.1" or self.expect_100_continue \
-                or parser.should_upgrade():
+        if parser.get_http_version() != "1.1" or self.expect_100_continue or parser.should_upgrade():
             return None
         url = self.url
         query = url.find(b"?")
         raw_path = url if query < 0 else url[:query]
-        if b"%" in raw_path or b"#" in raw_path or not raw_path.startswith(b"/model/"):
+        if b"%" in raw_path or b"#" in raw_path:  # escapes: uvicorn's decoding decides the path
             return None
         try:
             path = raw_path.decode("ascii")
         except UnicodeDecodeError:
             return None
-        if not _PLAIN.fullmatch(path):
+        plain = fast.takes(parser.get_method(), path, self.headers)
+        if plain is None or plain.chunked:
             return None
-        found: list[bytes | None] = [None, None, None]  # the first of each, as `PredictPath` reads them
-        for name, value in self.headers:
-            index = _WANTED.get(name)
-            if index is not None:
-                if found[index] is None:
-                    found[index] = value
-            elif name == b"transfer-encoding":
-                return None
-        declared, accept, timeout_raw = found
+        declared = plain.content_length
         if declared is None or not declared.isdigit() or int(declared) > fast.max_msg_bytes:
-            return None  # (chunked, or too large: the ASGI route answers 413)
-        if accept is not None and _EVENT_STREAM in accept.lower():
-            return None
-        if fast.keys:
-            key = auth._bearer({"headers": self.headers})
-            if key is None or not fast.keys.allows(key):
-                return None
-        return _Hot(path, timeout_raw, parser.should_keep_alive())
+            return None  # (no length, or too large: the ASGI route answers, 413 for the latter)
+        return _Hot(path, plain.timeout, parser.should_keep_alive())
 
     # -- the answer ----------------------------------------------------------------------------------------
     async def _answer(self, hot: _Hot) -> None:
         assert self.fast is not None
+        self.fast.dispatcher.metrics.direct_http.inc()
         try:
             response = await self.fast.respond(hot.path, bytes(hot.body), hot.timeout_raw)
             if self.flow.write_paused and not self.transport.is_closing():  # not reading: wait, as uvicorn does

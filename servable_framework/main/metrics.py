@@ -117,6 +117,11 @@ class Metrics:
             "servable_requests_finished",
             "Requests admitted to a Worker, by outcome: ok, error, cancelled (the client went away).",
             (*labels, "outcome"), registry=self.registry)
+        self.direct_http = Counter(
+            "servable_http_direct_requests",
+            "MindSpore predict requests that Main's HTTP protocol answered itself, without an ASGI cycle "
+            "(servable_framework.main.fast_http); the REST requests not counted here took the ASGI route.",
+            registry=self.registry)
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def children(self, labels: tuple[str, str], outcome: Outcome) -> tuple[Any, Any]:

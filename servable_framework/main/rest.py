@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from typing import NamedTuple
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -154,7 +155,17 @@ def build_app(dispatcher: Dispatcher, max_msg_bytes: int, api_keys: auth.ApiKeys
 # a path whose ``request.url.path`` in Starlette is the ASGI path itself: printable ASCII without space and
 # ``?#\\`` (Starlette escapes those; a URL parser drops tabs and newlines)
 _PLAIN = re.compile(r"/model/[^\x00-\x20?#\\\x7f-\U0010ffff]*")
-_WANTED = {b"content-length": 0, b"accept": 1, TIMEOUT_HEADER.encode(): 2}
+_WANTED = {b"content-length": 0, b"accept": 1, TIMEOUT_HEADER.encode(): 2, b"transfer-encoding": 3}
+_EVENT_STREAM = EVENT_STREAM.encode()
+
+
+class PlainPredict(NamedTuple):
+    """What `PredictPath` needs of a request's headers (raw values of the first of each, as Starlette reads
+    them)."""
+
+    content_length: bytes | None
+    timeout: bytes | None  # the deadline header
+    chunked: bool  # a Transfer-Encoding header came
 
 
 class PredictPath:
@@ -172,27 +183,35 @@ class PredictPath:
         self.max_msg_bytes = max_msg_bytes
         self.keys = keys
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if (scope["type"] != "http" or scope["method"] != "POST" or not path.startswith("/model/")
-                or scope.get("root_path") or not _PLAIN.fullmatch(path)):
-            await self.app(scope, receive, send)
-            return
-        found: list[bytes | None] = [None, None, None]  # the first of each header, as request.headers.get
-        for name, value in scope["headers"]:
-            index = _WANTED.get(name.lower())
+    def takes(self, method: bytes | str, path: str, headers: Iterable[tuple[bytes, bytes]]) -> PlainPredict | None:
+        """The headers this route needs when it answers a request for ``path`` (its ASGI form: decoded, no query)
+        with raw ``headers`` (lower-case names, as ASGI has them); None when the app answers it instead: not a
+        ``POST`` of a plain ``/model/...`` path (`_PLAIN`), an event stream asked for (Starlette's streaming
+        route), or, with API keys configured, no valid key (the app's middleware answers 401). Main's HTTP
+        protocol asks the same question before it answers a request itself (`fast_http`)."""
+        if method not in ("POST", b"POST") or not path.startswith("/model/") or not _PLAIN.fullmatch(path):
+            return None
+        found: list[bytes | None] = [None, None, None, None]
+        for name, value in headers:
+            index = _WANTED.get(name)
             if index is not None and found[index] is None:
                 found[index] = value
-        declared, accept, timeout_raw = found
-        if accept is not None and EVENT_STREAM.encode() in accept.lower():  # SSE: Starlette's route
+        declared, accept, timeout_raw, encoding = found
+        if accept is not None and _EVENT_STREAM in accept.lower():
+            return None
+        if self.keys:
+            key = auth.bearer_key(headers)
+            if key is None or not self.keys.allows(key):
+                return None
+        return PlainPredict(declared, timeout_raw, encoding is not None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        plain = None if scope["type"] != "http" or scope.get("root_path") else \
+            self.takes(scope["method"], scope.get("path", ""), scope["headers"])
+        if plain is None:
             await self.app(scope, receive, send)
             return
-        if self.keys:
-            key = auth._bearer(scope)
-            if key is None or not self.keys.allows(key):
-                await self.app(scope, receive, send)  # the middleware answers 401
-                return
-        response = await self._predict(path, receive, declared, timeout_raw)
+        response = await self._predict(scope["path"], receive, plain.content_length, plain.timeout)
         await response(scope, receive, send)
 
     async def _predict(self, path: str, receive: Receive, declared: bytes | None,

@@ -85,19 +85,30 @@ def exchange(port: int, data: bytes, count: int, timeout_s: float = 30) -> tuple
     return out, closed
 
 
+def direct(rest) -> float:
+    """`servable_http_direct_requests_total`: the requests Main's HTTP protocol answered itself."""
+    for line in rest.get("/metrics").text.splitlines():
+        if line.startswith("servable_http_direct_requests_total "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("servable_http_direct_requests_total is not in /metrics")
+
+
 def test_answers_match_the_asgi_route(server) -> None:
     """A chunked body is not taken by the fast path (no Content-Length): uvicorn's ASGI route answers it.
-    Both answer every body alike: status, body and content type."""
-    port, _ = server
+    Both answer every body alike: status, body and content type. The counter shows which route answered."""
+    port, rest = server
     bodies = [GOOD, b"{not json", b'{"instances": []}', b'{"instances": [{"x1": [[1.0]], "x2": [[1.0]]}]}',
               b"", json.dumps({"instances": [{"x1": [[1, 2], [3, 4]], "x2": [[1, 2], [3, 4]]}]}).encode()]
     for body in bodies:
+        before = direct(rest)
         fast, _ = exchange(port, request(ADD, body), 1)
+        assert direct(rest) == before + 1, body
         if body:
             slow, _ = exchange(port, request(ADD, body, chunked=True), 1)
         else:  # an empty chunked body is just the terminator
             slow, _ = exchange(port, request(ADD, body, extra=b"Transfer-Encoding: chunked\r\n", chunked=False)
                                .replace(b"Content-Length: 0\r\n", b"") + b"0\r\n\r\n", 1)
+        assert direct(rest) == before + 1, body  # the chunked one took the ASGI route
         assert fast[0][0] == slow[0][0], (body, fast, slow)
         assert json.loads(fast[0][2]) == json.loads(slow[0][2]), body
         assert fast[0][1]["content-type"] == slow[0][1]["content-type"] == "application/json"
@@ -125,12 +136,15 @@ def test_pipelined_requests_are_answered_in_order(server) -> None:
 
 @pytest.mark.parametrize("how", ["connection_close", "http_1_0"])
 def test_closing_requests_are_answered_then_closed(server, how) -> None:
-    port, _ = server
+    """``Connection: close`` is answered directly, then closed; HTTP/1.0 takes the ASGI route."""
+    port, rest = server
     data = request(ADD, GOOD, extra=b"Connection: close\r\n") if how == "connection_close" \
         else request(ADD, GOOD, version=b"1.0")
+    before = direct(rest)
     out, closed = exchange(port, data, 1)
     assert out[0][0] == 200 and json.loads(out[0][2]) == EXPECTED
     assert closed
+    assert direct(rest) == before + (1 if how == "connection_close" else 0)
 
 
 def cancelled(rest) -> float:
