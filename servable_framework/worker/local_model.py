@@ -274,6 +274,11 @@ def _program_call(module: Any) -> Any:
         return call
 
     forward, guards, single = flat
+    # this call remembers the signatures itself: the checks' own memories (`_RememberedCheck`,
+    # `_RememberedGuards`) are left out, so a new signature is looked up and remembered once, not three times
+    check = check.check
+    if isinstance(guards, _RememberedGuards):
+        guards = guards.guards
     passed: set[Any] = set()  # signatures that passed both checks
 
     def flat_call(*args: Any) -> Any:
