@@ -14,7 +14,6 @@ import socket
 import subprocess
 from pathlib import Path
 
-
 _HANDED_OUT: set[int] = set()  # ports this process has handed out: a caller may not have bound them yet
 
 

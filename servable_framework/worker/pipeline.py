@@ -77,8 +77,18 @@ class MethodRunner:
         method = self.method(method_name)
         if stream is not None and not method.stream:
             raise not_streaming(self.spec.name, method.name)
-        check_instance_count(instances)
+        self.admit(method, instances)
+        return self.run_admitted(method, instances, cancel, stream)
+
+    def admit(self, method: MethodSpec, instances: list[Instance], limit: int | None = None) -> None:
+        """Admission's checks, with the contract's texts: 1 to ``limit`` instances (`check_instance_count`), each
+        with every required input of ``method``."""
+        check_instance_count(instances, limit)
         check_required_inputs(instances, method.required_inputs, self.spec.name, method.name)
+
+    def run_admitted(self, method: MethodSpec, instances: list[Instance], cancel: CancelToken | None = None,
+                     stream: StreamEmit | None = None) -> list[Result]:
+        """`run` for instances that passed `admit` (and, with ``stream``, of a streaming method)."""
         slots = [_Slot([inst.get(name, method.defaults.get(name)) for name in method.input_names], index)
                  for index, inst in enumerate(instances)]
         streamer = _Streamer(stream, cancel) if stream is not None else None

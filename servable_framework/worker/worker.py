@@ -35,8 +35,6 @@ from servable_framework.wire import (
     Frame,
     Kind,
     Value,
-    check_instance_count,
-    check_required_inputs,
     decode_instances,
     encode_instances,
     encode_value,
@@ -264,10 +262,9 @@ class Worker:
             assert self.runner is not None
             method = self.runner.method(str(header.get("method")))
             limit = header.get("max_instances")
-            check_instance_count(instances, limit if isinstance(limit, int) else None)
-            check_required_inputs(instances, method.required_inputs, self.runner.spec.name, method.name)
+            self.runner.admit(method, instances, limit if isinstance(limit, int) else None)
             at = "run"
-            results = self.runner.run(method.name, instances, token, None)
+            results = self.runner.run_admitted(method, instances, token)
             status, body = render_results(results)
             at, count, tokens = "done", len(instances), token_counts(results)
         except ServingError as exc:
