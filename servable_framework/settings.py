@@ -53,6 +53,10 @@ class Settings(BaseModel):
     shared_memory: bool = Field(True, description="a ZMQ Client on this host may pass large tensors (1 MiB and up) "
                                 "through shared memory under /dev/shm instead of the sockets "
                                 "(`servable_framework.shm`); False refuses them and the Client sends them inline")
+    http_direct: bool = Field(True, description="Main's HTTP protocol answers a plain MindSpore predict itself, "
+                              "without an ASGI cycle (`servable_framework.main.fast_http`: same answers, less CPU "
+                              "per request); False sends every request through uvicorn's stock httptools protocol "
+                              "and the ASGI app (the way back should a uvicorn release change what it builds on)")
     agent_threads: int = Field(0, ge=0, description="torch intra-op threads of each Agent; 0 (default) shares this "
                                "host's cores among its local Agents: usable cores // local Agents, at least 1")
 

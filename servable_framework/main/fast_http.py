@@ -14,6 +14,10 @@ app, its middleware and its 401/413/SSE answers see it): HTTP/1.1, ``POST``, a p
 ``Transfer-Encoding``, no ``Expect: 100-continue``, no upgrade, no ``text/event-stream`` in ``Accept``, a valid
 API key when keys are configured, no access log, no concurrency limit, and nothing else in flight on the
 connection. A pipelined request that arrives while one is answered here waits in uvicorn's own queue.
+
+Main uses it unless ``SERVABLE_HTTP_DIRECT=0`` (`Settings.http_direct`); with a uvicorn that lacks a part it
+uses (`_UVICORN_PARTS`), it logs that once and leaves every request to uvicorn. `servable_http_direct_requests_total`
+counts the requests answered here.
 """
 
 from __future__ import annotations
@@ -62,6 +66,24 @@ def find_predict_path(app: Any) -> PredictPath | None:
     return None
 
 
+# what this class uses of uvicorn's protocol beyond its public callbacks: uvicorn's own names (0.29 to 0.54)
+_UVICORN_PARTS = ("parser", "headers", "cycle", "pipeline", "flow", "tasks", "server_state", "transport", "loop",
+                  "expect_100_continue", "on_response_complete")
+_misfit_logged = False
+
+
+def _uvicorn_fits(protocol: HttpToolsProtocol) -> bool:
+    """Whether this uvicorn's protocol has every part `ServingHttpProtocol` uses; if not (a release that renamed
+    one), every request takes uvicorn's own way, and that is logged once."""
+    global _misfit_logged
+    missing = [name for name in _UVICORN_PARTS if not hasattr(protocol, name)]
+    if missing and not _misfit_logged:
+        _misfit_logged = True
+        log.warning("this uvicorn's HTTP protocol lacks %s: MindSpore predicts take the ASGI route (same answers, "
+                    "more CPU per request); set SERVABLE_HTTP_DIRECT=0 to silence this", ", ".join(missing))
+    return not missing
+
+
 class ServingHttpProtocol(HttpToolsProtocol):
     """uvicorn's ``HttpToolsProtocol`` answering MindSpore's predict itself (module docstring). Plain uvicorn
     for an app without `PredictPath` at its front."""
@@ -70,7 +92,7 @@ class ServingHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         fast = find_predict_path(self.app)
         self.fast = fast if fast is not None and not self.access_log and self.limit_concurrency is None \
-            and not self.root_path else None
+            and not self.root_path and _uvicorn_fits(self) else None
         self.hot: _Hot | None = None  # the request answered here, from its headers to its answer's write
         self.reading_hot = False  # the parser is in that request's body
 

@@ -113,7 +113,7 @@ class Master:
             "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.verify_client else ssl.CERT_NONE, "ssl_ciphers": CIPHERS}
         auth.warn_if_exposed(ip, api_keys, tls is not None)
         # uvicorn's options, with its httptools protocol answering MindSpore's predict itself (`fast_http`)
-        options = {**http.UVICORN_OPTIONS, "http": ServingHttpProtocol}
+        options = {**http.UVICORN_OPTIONS, **({"http": ServingHttpProtocol} if self.settings.http_direct else {})}
         config = uvicorn.Config(build_app(self.dispatcher, max_msg_bytes, api_keys), lifespan="off",
                                 **options, **ssl_args)
         server = uvicorn.Server(config)

@@ -177,3 +177,22 @@ def test_a_client_that_hangs_up_cancels_its_request(server) -> None:
     assert time.monotonic() - start < 4, "counted only when the stage ended: the hang-up was not noticed"
     out, _ = exchange(port, request(ADD, GOOD), 1)
     assert json.loads(out[0][2]) == EXPECTED
+
+
+def test_http_direct_off_leaves_every_request_to_uvicorn(servers, add_dir) -> None:
+    """``SERVABLE_HTTP_DIRECT=0``: the same answers, and none of them from Main's own protocol."""
+    from tests.support.procs import Rest, child_env
+
+    port = free_port()
+    proc = servers.start(["-m", "tests.support.serve", "local", "--dir", str(add_dir), "--name", "add",
+                          "--rest", f"127.0.0.1:{port}", "--device-ids", "0"], "server-asgi-only",
+                         env=child_env(SERVABLE_HTTP_DIRECT="0"))
+    rest = Rest(port)
+    try:
+        rest.wait_ready(proc, 120)
+        out, _ = exchange(port, request(ADD, GOOD) + request(ADD, b"{not json"), 2)
+        assert out[0][0] == 200 and json.loads(out[0][2]) == EXPECTED
+        assert out[1][0] == 400 and "Illegal JSON format" in json.loads(out[1][2])["error_msg"]
+        assert direct(rest) == 0
+    finally:
+        rest.close()
