@@ -237,6 +237,9 @@ def test_finished_request_leaves_the_batch_early(qwen, reference) -> None:
     long = threading.Thread(target=ask, args=("long", "Tell me everything.", 200))
     short = threading.Thread(target=ask, args=("short", "Hello, world!", 2))
     long.start()
+    # the short one only once Main has the long one: sent together, on a busy host the short one could be done
+    # before the long one even arrived (a CI run saw that), and they would not have run together
+    wait_until(lambda: inflight(rest) >= 1, 30, "the long request to be in flight")
     short.start()
     long.join(120)
     short.join(120)
@@ -247,6 +250,12 @@ def test_finished_request_leaves_the_batch_early(qwen, reference) -> None:
     assert done == ["short", "long"]
     assert texts["short"] == reference("Hello, world!", None, 2)
     assert texts["long"] == reference("Tell me everything.", None, 200)
+
+
+def inflight(rest: Rest) -> float:
+    """Main's `servable_requests_inflight`: requests admitted and not answered yet."""
+    found = re.search(r"^servable_requests_inflight (\S+)", rest.get("/metrics").text, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def joined_batches(rest: Rest) -> int:
