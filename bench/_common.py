@@ -27,6 +27,29 @@ RESULTS = REPO / "bench" / "results"
 PYTHON = sys.executable
 SESSION = uuid.uuid4().hex
 LOAD_AT_START = os.getloadavg()
+
+
+def _cpu_ticks() -> list[int] | None:
+    """The machine's CPU time counters (`/proc/stat`'s ``cpu`` line; None where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+CPU_AT_START = _cpu_ticks()
+
+
+def steal_share() -> float | None:
+    """The share of CPU time the hypervisor took from this VM since the run started (`/proc/stat` steal): a noisy
+    host shows here, and small-request latency rises with it."""
+    now = _cpu_ticks()
+    if CPU_AT_START is None or now is None or len(now) < 8:
+        return None
+    delta = [b - a for a, b in zip(CPU_AT_START, now)]
+    total = sum(delta[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return delta[7] / total if total > 0 else None
 # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so every benchmark's `finally: stop_all(...)` still runs
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -279,16 +302,19 @@ def write_results(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     import platform
 
+    steal = steal_share()
     now = code_digests()
     changed = sorted(f for f in set(now) | set(CODE_AT_START) if now.get(f) != CODE_AT_START.get(f))
     if changed:
         print(f"WARNING: code under test changed on disk during this run ({', '.join(changed)}): rerun")
     data = {"command": command_line(), "cwd": str(REPO), "git_head": git_head(), "code_changed_during_run": changed,
             "code_digests_at_start": CODE_AT_START, "cpus": os.cpu_count(),
-            "loadavg_1_5_15min": {"start": LOAD_AT_START, "end": os.getloadavg()},
+            "loadavg_1_5_15min": {"start": LOAD_AT_START, "end": os.getloadavg()}, "cpu_steal_share": steal,
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **data}
     path.write_text(json.dumps(data, indent=2, default=float))
     print(f"\nload average (1/5/15 min) at start {LOAD_AT_START}, at end {os.getloadavg()}; {os.cpu_count()} CPUs")
+    if steal is not None:
+        print(f"CPU time taken by the hypervisor (steal) during the run: {steal:.1%}")
     print(f"results: {os.path.relpath(path, REPO)}")
     print(f"command: (cd {REPO} && {command_line()})")
     return path
