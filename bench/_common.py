@@ -27,6 +27,8 @@ RESULTS = REPO / "bench" / "results"
 PYTHON = sys.executable
 SESSION = uuid.uuid4().hex
 LOAD_AT_START = os.getloadavg()
+# SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so every benchmark's `finally: stop_all(...)` still runs
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def _cpu_ticks() -> list[int] | None:
@@ -50,8 +52,6 @@ def steal_share() -> float | None:
     delta = [b - a for a, b in zip(CPU_AT_START, now)]
     total = sum(delta[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
     return delta[7] / total if total > 0 else None
-# SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so every benchmark's `finally: stop_all(...)` still runs
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def child_env(**extra: str) -> dict[str, str]:

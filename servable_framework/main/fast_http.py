@@ -69,19 +69,22 @@ def find_predict_path(app: Any) -> PredictPath | None:
 # what this class uses of uvicorn's protocol beyond its public callbacks: uvicorn's own names (0.29 to 0.54)
 _UVICORN_PARTS = ("parser", "headers", "cycle", "pipeline", "flow", "tasks", "server_state", "transport", "loop",
                   "expect_100_continue", "on_response_complete")
-_misfit_logged = False
+_fits: bool | None = None  # whether this uvicorn's protocol has them all: found at the first connection
 
 
 def _uvicorn_fits(protocol: HttpToolsProtocol) -> bool:
-    """Whether this uvicorn's protocol has every part `ServingHttpProtocol` uses; if not (a release that renamed
-    one), every request takes uvicorn's own way, and that is logged once."""
-    global _misfit_logged
-    missing = [name for name in _UVICORN_PARTS if not hasattr(protocol, name)]
-    if missing and not _misfit_logged:
-        _misfit_logged = True
-        log.warning("this uvicorn's HTTP protocol lacks %s: MindSpore predicts take the ASGI route (same answers, "
-                    "more CPU per request); set SERVABLE_HTTP_DIRECT=0 to silence this", ", ".join(missing))
-    return not missing
+    """Whether this uvicorn's protocol has every part `ServingHttpProtocol` uses (looked at once, on the first
+    connection: the attributes are set in ``__init__``); if not (a release that renamed one), every request takes
+    uvicorn's own way, and that is logged once."""
+    global _fits
+    if _fits is None:
+        missing = [name for name in _UVICORN_PARTS if not hasattr(protocol, name)]
+        _fits = not missing
+        if missing:
+            log.warning("this uvicorn's HTTP protocol lacks %s: MindSpore predicts take the ASGI route (same "
+                        "answers, more CPU per request); set SERVABLE_HTTP_DIRECT=0 to silence this",
+                        ", ".join(missing))
+    return _fits
 
 
 class ServingHttpProtocol(HttpToolsProtocol):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Sequence
 from typing import NamedTuple
 
 from starlette.applications import Starlette
@@ -183,7 +183,7 @@ class PredictPath:
         self.max_msg_bytes = max_msg_bytes
         self.keys = keys
 
-    def takes(self, method: bytes | str, path: str, headers: Iterable[tuple[bytes, bytes]]) -> PlainPredict | None:
+    def takes(self, method: bytes | str, path: str, headers: Sequence[tuple[bytes, bytes]]) -> PlainPredict | None:
         """The headers this route needs when it answers a request for ``path`` (its ASGI form: decoded, no query)
         with raw ``headers`` (lower-case names, as ASGI has them); None when the app answers it instead: not a
         ``POST`` of a plain ``/model/...`` path (`_PLAIN`), an event stream asked for (Starlette's streaming
