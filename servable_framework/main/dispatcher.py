@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from servable_framework import transport
+from servable_framework.busy_poll import BusyPoll
 from servable_framework.errors import (
     NotFound,
     Overloaded,
@@ -101,6 +102,8 @@ class Dispatcher:
             h.servable == name for h in self.workers.workers.values()))
         self.metrics.add_collector(DispatcherCollector(self))
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._busy_budget_s = settings.busy_poll_us * 1e-6
+        self._busy_poll: BusyPoll | None = None  # made on the loop, at the first spin
 
     def loop(self) -> asyncio.AbstractEventLoop:
         """The running event loop (Main's; remembered: ``asyncio.get_running_loop`` makes a ``getpid`` system
@@ -443,9 +446,18 @@ class Dispatcher:
         handle.inflight[request_id] = fut
         # the deadline as a timer on the reply's own future (asyncio.wait_for adds a future and callbacks)
         timer = loop.call_later(wait_s, _expire, fut)
+        method = str(header.get("method"))
         try:
             await self.workers.send(handle, Kind.PREDICT, header, buffers)
+            sent = time.perf_counter()
+            if self.inflight == 1 and method not in handle.slow and self._busy_budget_s:
+                # (after the callbacks queued already: a task made ready in this loop turn runs before the spin)
+                loop.call_soon(self._spin, fut)
             reply, out_buffers, _frames = await fut
+            if time.perf_counter() - sent > self._busy_budget_s:
+                handle.slow.add(method)  # a spin would have ended empty: this method's next request sleeps
+            else:
+                handle.slow.discard(method)
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
             # timed out, or the caller went away (a REST client hung up): the Worker stops what it can of the
             # abandoned request: queued instances never run, generating rows stop at the next step (best
@@ -462,6 +474,16 @@ class Dispatcher:
             timer.cancel()
             handle.inflight.pop(request_id, None)
         return reply, out_buffers
+
+    def _spin(self, fut: asyncio.Future[Any]) -> None:
+        """Busy-poll the loop (`servable_framework.busy_poll`) while the one request in flight, answered by
+        ``fut``, is in its Worker."""
+        if self.inflight != 1 or fut.done():  # another request came in meanwhile (Main has work), or no need
+            return
+        busy_poll = self._busy_poll
+        if busy_poll is None:
+            busy_poll = self._busy_poll = BusyPoll(self.loop(), self._busy_budget_s)
+        self.metrics.busy_polls[busy_poll()].inc()
 
     def ready(self) -> dict[str, Any]:
         """Readiness of every servable: ready when at least one Worker of its newest version is READY."""

@@ -122,6 +122,12 @@ class Metrics:
             "MindSpore predict requests that Main's HTTP protocol answered itself, without an ASGI cycle "
             "(servable_framework.main.fast_http); the REST requests not counted here took the ASGI route.",
             registry=self.registry)
+        polls = Counter(
+            "servable_busy_polls",
+            "Times Main polled for a Worker's answer instead of sleeping (servable_framework.busy_poll), by how "
+            "the spin ended: event (the loop had something to handle: the answer, or anything else) or budget "
+            "(busy_poll_us passed first).", ("ended",), registry=self.registry)
+        self.busy_polls = {True: polls.labels("event"), False: polls.labels("budget")}  # by `BusyPoll`'s result
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def children(self, labels: tuple[str, str], outcome: Outcome) -> tuple[Any, Any]:

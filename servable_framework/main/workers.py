@@ -80,6 +80,7 @@ class WorkerHandle:
     last_pong: float = field(default_factory=time.monotonic)
     last_ping: float = 0.0
     inflight: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    slow: set[str] = field(default_factory=set)  # methods whose last answer took longer than Main's busy-poll budget
     # streaming requests: request id -> its messages in arrival order ((kind, header, buffers, frames): STREAM
     # pieces, then the RESULT), or the error that failed them
     streams: dict[int, asyncio.Queue[StreamItem]] = field(default_factory=dict)

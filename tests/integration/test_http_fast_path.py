@@ -4,6 +4,7 @@ close``, HTTP/1.0), and a client that hangs up cancels its request. Real Main an
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import socket
@@ -179,14 +180,51 @@ def test_a_client_that_hangs_up_cancels_its_request(server) -> None:
     assert json.loads(out[0][2]) == EXPECTED
 
 
+def busy_polls(rest) -> dict[str, float]:
+    """`servable_busy_polls_total` by how the spins ended."""
+    out = {"event": 0.0, "budget": 0.0}
+    for line in rest.get("/metrics").text.splitlines():
+        if line.startswith("servable_busy_polls_total{"):
+            out[line.split('ended="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_main_busy_polls_only_for_a_quick_method(server) -> None:
+    """While the one request in flight is in its Worker, Main polls for the answer (`servable_framework.busy_poll`)
+    when that Worker answered the method within the budget (1 ms by default) last time: the tensor_add requests
+    are polled for, and answers end the spins. ``echo`` held 30 ms in its stage is waited for asleep: only its
+    first request, before its time is known, may spin."""
+    port, rest = server
+    before = busy_polls(rest)
+    # back to back on one connection, as a client under load sends them (after an idle pause, a process's
+    # wake-up alone may take a millisecond on a VM: then the Worker's answer comes after the budget)
+    out, _ = exchange(port, request(ADD, GOOD), 1)  # (the first answer is slower: it makes the Worker's caches)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        for _ in range(100):
+            connection.request("POST", ADD, GOOD, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read()) == EXPECTED
+    finally:
+        connection.close()
+    quick = busy_polls(rest)
+    assert quick["event"] > before["event"], (before, quick)
+    body = json.dumps({"instances": [{"x": [1.0, 2.0], "sleep_ms": 30}]}).encode()
+    for _ in range(8):
+        assert exchange(port, request("/model/failover_echo:echo", body), 1)[0][0][0] == 200
+    slow = busy_polls(rest)
+    assert sum(slow.values()) - sum(quick.values()) <= 1, (quick, slow)
+
+
 def test_http_direct_off_leaves_every_request_to_uvicorn(servers, add_dir) -> None:
-    """``SERVABLE_HTTP_DIRECT=0``: the same answers, and none of them from Main's own protocol."""
+    """``SERVABLE_HTTP_DIRECT=0``: the same answers, and none of them from Main's own protocol. (Busy polling is
+    off too, ``SERVABLE_BUSY_POLL_US=0``: no spin.)"""
     from tests.support.procs import Rest, child_env
 
     port = free_port()
     proc = servers.start(["-m", "tests.support.serve", "local", "--dir", str(add_dir), "--name", "add",
                           "--rest", f"127.0.0.1:{port}", "--device-ids", "0"], "server-asgi-only",
-                         env=child_env(SERVABLE_HTTP_DIRECT="0"))
+                         env=child_env(SERVABLE_HTTP_DIRECT="0", SERVABLE_BUSY_POLL_US="0"))
     rest = Rest(port)
     try:
         rest.wait_ready(proc, 120)
@@ -194,5 +232,6 @@ def test_http_direct_off_leaves_every_request_to_uvicorn(servers, add_dir) -> No
         assert out[0][0] == 200 and json.loads(out[0][2]) == EXPECTED
         assert out[1][0] == 400 and "Illegal JSON format" in json.loads(out[1][2])["error_msg"]
         assert direct(rest) == 0
+        assert busy_polls(rest) == {"event": 0.0, "budget": 0.0}
     finally:
         rest.close()
