@@ -57,6 +57,10 @@ class Settings(BaseModel):
                               "without an ASGI cycle (`servable_framework.main.fast_http`: same answers, less CPU "
                               "per request); False sends every request through uvicorn's stock httptools protocol "
                               "and the ASGI app (the way back should a uvicorn release change what it builds on)")
+    forward_requests: bool = Field(True, description="a MindSpore REST body up to 16 KiB, or a ZMQ Client's "
+                                   "instances, go to the Worker as they came when their endpoint has one READY "
+                                   "Worker: it decodes, checks, runs and renders them (same answers, less CPU in "
+                                   "Main); False decodes every request in Main (the way back)")
     busy_poll_us: int = Field(1000, ge=0, le=100_000, description="while a single request is in flight, Main "
                               "polls for its Worker's answer for up to this long instead of sleeping, when that "
                               "Worker's last answer to the method came within it (`servable_framework.busy_poll`: "

@@ -26,7 +26,7 @@ from typing import Any, Union
 import msgpack
 import numpy as np
 
-from servable_framework.errors import InvalidInput
+from servable_framework.errors import InvalidInput, ServingError
 from servable_framework.shm import REFUSED, ShmTensor, parse_tensor
 
 PROTOCOL_VERSION = 1
@@ -195,3 +195,43 @@ def unpack(frames: Sequence[Frame]) -> tuple[Kind, dict[str, Any], Sequence[Fram
     if header.get("v") != PROTOCOL_VERSION:
         raise InvalidInput(f"protocol version mismatch: got {header.get('v')!r}, expected {PROTOCOL_VERSION}")
     return kind, header, frames[2:]
+
+
+# -- a ZMQ Client's RESULT ---------------------------------------------------------------------------------------
+# MindSpore's status codes of the errors (gRPC's numbering); any other error is 1
+ZMQ_STATUS_CODES = {"InvalidInput": 2, "NotFound": 5, "Unavailable": 5, "Overloaded": 4, "PayloadTooLarge": 8,
+                    "RequestTimeout": 4}
+
+
+def error_entry(exc: ServingError) -> dict[str, Any]:
+    """One ``error_msg`` entry of a ZMQ Client's RESULT."""
+    return {"code": ZMQ_STATUS_CODES.get(type(exc).__name__, 1), "kind": type(exc).__name__, "msg": exc.message}
+
+
+def encode_reply(results: Sequence[Instance | ServingError]) -> tuple[dict[str, Any], list[Frame]]:
+    """A ZMQ Client's RESULT header (all but its ``"id"``) and buffers for one result per instance, with
+    MindSpore's three-way error semantics (contract §9): ``{"instances": [...], "error_msg": []}`` when all are
+    ok; ``{"error_msg": [entry]}`` alone when every instance failed with the same message (the request failed);
+    else one entry per instance, ``code`` 0 for an instance that is ok (its outputs under ``instances``, ``{}``
+    for a failed one). An output that cannot be encoded fails its own instance. Main renders it
+    (`servable_framework.main.zmq_frontend`), and so does a Worker for a request Main forwarded undecoded."""
+    buffers: list[Frame] = []
+    done: list[Instance | ServingError] = []
+    encoded: list[dict[str, Any]] = []
+    for res in results:
+        if not isinstance(res, ServingError):
+            mark = len(buffers)
+            try:
+                encoded.append({k: encode_value(v, buffers) for k, v in res.items()})
+                done.append(res)
+                continue
+            except ServingError as exc:
+                del buffers[mark:]
+                res = exc
+        encoded.append({})
+        done.append(res)
+    errors = [r for r in done if isinstance(r, ServingError)]
+    if errors and len(errors) == len(done) and len({e.message for e in errors}) == 1:
+        return {"error_msg": [error_entry(errors[0])]}, []
+    entries = [error_entry(r) if isinstance(r, ServingError) else {"code": 0, "kind": "", "msg": ""} for r in done]
+    return {"instances": encoded, "error_msg": entries if errors else []}, buffers

@@ -26,7 +26,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,16 +233,52 @@ class Dispatcher:
         """MindSpore's REST predict with the body forwarded unparsed: the Worker parses it, runs it and renders
         the answer (`servable_framework.worker.worker.Worker._predict_rest`), so Main's share of a request is
         its routing, deadline and metrics, and the JSON work runs in the Worker's process, next to Main's.
-        Same answers, texts and metrics as parsing it here and calling `predict` (the Worker's reply says how
-        far the request got, and the counting follows: a refused body is not a request, refused instances are
-        one without metrics, as in `_admit`).
+        Same answers, texts and metrics as parsing it here and calling `predict` (`_forward`). None: the
+        request must go that other way (parsed here): a body over `FORWARD_MAX_BYTES`, or `_forward`'s cases."""
+        if len(body) > FORWARD_MAX_BYTES:
+            return None
+        forwarded = await self._forward(servable, method, version, {"rest": True}, [body], timeout_s, "rest")
+        if forwarded is None:
+            return None
+        reply, buffers = forwarded
+        return RestAnswer(int(reply["status"]), buffers[0] if buffers else b"")
 
-        Returns None where the request must go that other way (parsed here): a body over `FORWARD_MAX_BYTES`,
-        an endpoint whose READY Workers
-        are not exactly one (instances are spread over several), an error to answer that comes after the
-        body's own in `predict`'s order (not available, draining, too many requests in flight), or the Worker
-        lost with the request while a sibling is READY (`predict` re-runs it there; the deadline starts again)."""
-        if len(body) > FORWARD_MAX_BYTES or self.draining or self.inflight >= self.settings.max_enqueued_requests:
+    async def predict_zmq(self, servable: str, method: str, version: int, instances: Any, buffers: Sequence[Any],
+                          timeout_s: float | None = None) -> tuple[dict[str, Any], Any] | None:
+        """A ZMQ Client's predict with its instances forwarded undecoded (``instances``: the descriptors of its
+        header, ``buffers``: its tensor frames): the Worker decodes, checks and runs them and renders the
+        Client's RESULT (`servable_framework.worker.worker.Worker._predict_zmq`, `wire.encode_reply`); returns
+        that header (without the Client's request id) and its buffers. Same answers, texts and metrics as
+        decoding them here and calling `predict` (`_forward`). None: the request must go that other way:
+        shared-memory tensors in it (Main's setting decides whether they are taken), or `_forward`'s cases."""
+        if not isinstance(instances, list) or not all(
+                isinstance(inst, dict) and all(not isinstance(d, dict) or d.get("t") != "shm" for d in inst.values())
+                for inst in instances):
+            return None
+        forwarded = await self._forward(servable, method, version, {"zmq": True, "instances": instances}, buffers,
+                                        timeout_s, "zmq")
+        if forwarded is None:
+            return None
+        reply, out = forwarded
+        return reply["answer"], out
+
+    async def _forward(self, servable: str, method: str, version: int, fields: dict[str, Any],
+                       buffers: Sequence[Any], timeout_s: float | None,
+                       protocol: str) -> tuple[dict[str, Any], Any] | None:
+        """Send a request to its Worker as it came (``fields`` and ``buffers`` of the PREDICT), for the Worker
+        to decode, check, run and render (`predict_rest`, `predict_zmq`); returns the Worker's reply and its
+        buffers.
+        The counting follows the reply's ``at`` (how far the request got): a refused body or malformed instances
+        are not a request, refused instances are one without servable metrics (as in `_admit`), ``count`` and
+        ``tokens`` come counted.
+
+        Returns None where the request must go the decoding way: the setting ``forward_requests`` off, an
+        endpoint whose READY Workers are not exactly one (instances are spread over several), an error to answer
+        that comes after the request's own in `predict`'s order (not available, draining, too many requests in
+        flight), or the Worker lost with the request while a sibling is READY (`predict` re-runs it there; the
+        deadline starts again)."""
+        if not self.settings.forward_requests or self.draining \
+                or self.inflight >= self.settings.max_enqueued_requests:
             return None
         try:
             ready = self._ready(servable, method, version)
@@ -256,11 +292,11 @@ class Dispatcher:
         self._started()
         at = "sent"  # how far it got: "sent" (no answer yet), then the Worker's "parse"|"admit"|"run"|"done"
         outcome: Outcome = "error"
-        header: dict[str, Any] = {"method": method, "rest": True,
+        header: dict[str, Any] = {"method": method, **fields,
                                   "max_instances": self.settings.max_instances_per_request}
         try:
             try:
-                reply, buffers = await self._exchange(handle, header, [body], timeout, timeout)
+                reply, out = await self._exchange(handle, header, list(buffers), timeout, timeout)
             except WorkerLost as exc:
                 if any(h is not handle for h in self._siblings(handle, method)):
                     at = "parse"  # not counted: `predict` counts it
@@ -274,7 +310,7 @@ class Dispatcher:
                 handle.instances_answered += int(reply.get("count", 0))
             elif at == "run":
                 self.stats["errors"] += 1
-            return RestAnswer(int(reply["status"]), buffers[0] if buffers else b"")
+            return reply, out
         except ServingError:
             self.stats["errors"] += 1
             raise
@@ -286,7 +322,7 @@ class Dispatcher:
             if at != "parse":
                 self.stats["requests"] += 1
             if at not in ("parse", "admit"):
-                record = self.metrics.request(servable, "rest", start)
+                record = self.metrics.request(servable, protocol, start)
                 if outcome == "ok":
                     tokens = reply.get("tokens")
                     if isinstance(tokens, list) and len(tokens) == 2:

@@ -36,20 +36,21 @@ from servable_framework import curve, shm, transport, unixlink
 from servable_framework.errors import InvalidInput, PayloadTooLarge, ServingError
 from servable_framework.main.dispatcher import Dispatcher, Result
 from servable_framework.shm import ShmTensor
-from servable_framework.wire import Instance, Kind, ShmReader, decode_instances, encode_value, unpack
+from servable_framework.wire import (
+    Instance,
+    Kind,
+    ShmReader,
+    decode_instances,
+    encode_reply,
+    encode_value,
+    error_entry,
+    unpack,
+)
 
 log = logging.getLogger("servable_framework.zmq")
 
 HARD_MAX_BYTES = 513 * 1024 * 1024
 Reply = Callable[[Kind, dict[str, Any], list[Any]], None]  # sends one answer to the client a message came from
-STATUS_CODES = {"InvalidInput": 2, "NotFound": 5, "Unavailable": 5, "Overloaded": 4, "PayloadTooLarge": 8,
-                "RequestTimeout": 4}
-
-
-def error_entry(exc: ServingError) -> dict[str, Any]:
-    return {"code": STATUS_CODES.get(type(exc).__name__, 1), "kind": type(exc).__name__, "msg": exc.message}
-
-
 class ZmqFrontend:
     def __init__(self, ctx: zmq.asyncio.Context, address: str, dispatcher: Dispatcher, max_msg_bytes: int,
                  keys: curve.CurveKeys | None = None) -> None:
@@ -143,6 +144,13 @@ class ZmqFrontend:
             timeout = header.get("timeout_s")
             if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
                 raise InvalidInput(f"invalid timeout_s {timeout!r}")
+            if header.get("stream") is not True and "shm_out" not in header:  # passed on to the Worker as it came
+                forwarded = await self.dispatcher.predict_zmq(servable, method, version, header.get("instances"),
+                                                              buffers, timeout)
+                if forwarded is not None:
+                    answer, out = forwarded
+                    self._reply(reply, {"id": request_id, **answer}, out)
+                    return
             instances = decode_instances(header.get("instances"), buffers, self._shm_reader)
             # shared-memory tensors pass through as references; they count towards the size limit as if they
             # were in the message (the limit means the same for every client)
@@ -211,17 +219,5 @@ class ZmqFrontend:
 
 
 def encode_results(request_id: Any, results: list[Result]) -> tuple[dict[str, Any], list[Any]]:
-    buffers: list[Any] = []
-    errors = [r for r in results if isinstance(r, ServingError)]
-    if errors and len(errors) == len(results) and len({e.message for e in errors}) == 1:
-        return {"id": request_id, "error_msg": [error_entry(errors[0])]}, buffers
-    instances: list[dict[str, Any]] = []
-    entries: list[dict[str, Any]] = []
-    for res in results:
-        if isinstance(res, ServingError):
-            instances.append({})
-            entries.append(error_entry(res))
-        else:
-            instances.append({k: encode_value(v, buffers) for k, v in res.items()})
-            entries.append({"code": 0, "kind": "", "msg": ""})
-    return {"id": request_id, "instances": instances, "error_msg": entries if errors else []}, buffers
+    header, buffers = encode_reply(results)
+    return {"id": request_id, **header}, buffers

@@ -37,7 +37,9 @@ from servable_framework.wire import (
     Value,
     decode_instances,
     encode_instances,
+    encode_reply,
     encode_value,
+    error_entry,
     pack,
     unpack,
 )
@@ -181,11 +183,12 @@ class Worker:
             token = self.cancels[request_id] = CancelToken()
             if header.get("stream") is True:
                 transport.spawn(self._predict_stream(request_id, header, buffers, token))
-            elif header.get("rest") is True:
+            elif header.get("rest") is True or header.get("zmq") is True:
+                forwarded = self._predict_rest if header.get("rest") is True else self._predict_zmq
                 if self._loop_safe(header.get("method"), buffers):
-                    self._predict_rest(request_id, header, buffers, frames, token, on_loop=True)
+                    forwarded(request_id, header, buffers, frames, token, on_loop=True)
                 else:
-                    self.pool.submit(self._predict_rest, request_id, header, buffers, frames, token)
+                    self.pool.submit(forwarded, request_id, header, buffers, frames, token)
             elif "shm_out" not in header and self._loop_safe(header.get("method"), buffers):
                 self._predict(request_id, header, buffers, frames, token, on_loop=True)
             else:
@@ -276,6 +279,36 @@ class Worker:
         reply = {"id": request_id, "at": at, "status": status, "count": count, "tokens": list(tokens),
                  "batches": self._batch_stats()}
         self._reply(request_id, pack(Kind.RESULT, reply, [body]), frames, on_loop)
+
+    def _predict_zmq(self, request_id: Any, header: dict[str, Any], buffers: Any, frames: Any, token: CancelToken,
+                     on_loop: bool = False) -> None:
+        """PREDICT ``{"id", "method", "zmq": true, "instances", "max_instances"}``: a ZMQ Client's instances that
+        Main forwarded undecoded (`servable_framework.main.dispatcher.Dispatcher.predict_zmq`; never with
+        shared-memory tensors): decode them, check them as Main's admission would, run them and render the
+        Client's RESULT here (`wire.encode_reply`). Replies ``{"id", "at", "count", "tokens", "answer"}`` with
+        the outputs' buffers; ``answer`` is that RESULT's header but for its id, the rest as `_predict_rest`
+        (``at`` ``"parse"``: the instances' descriptors were refused)."""
+        at, count, tokens = "parse", 0, (0, 0)
+        out: list[Any] = []
+        try:
+            instances = decode_instances(header.get("instances"), buffers)
+            at = "admit"
+            assert self.runner is not None
+            method = self.runner.method(str(header.get("method")))
+            limit = header.get("max_instances")
+            self.runner.admit(method, instances, limit if isinstance(limit, int) else None)
+            at = "run"
+            results = self.runner.run_admitted(method, instances, token)
+            answer, out = encode_reply(results)
+            at, count, tokens = "done", len(instances), token_counts(results)
+        except ServingError as exc:
+            answer, out = {"error_msg": [error_entry(exc)]}, []
+        except Exception as exc:  # a bug in the framework: report it, keep serving
+            log.exception("request %s failed", request_id)
+            at, answer, out = "run", {"error_msg": [error_entry(ServingError(f"System error: {exc}"))]}, []
+        reply = {"id": request_id, "at": at, "count": count, "tokens": list(tokens), "answer": answer,
+                 "batches": self._batch_stats()}
+        self._reply(request_id, pack(Kind.RESULT, reply, out), frames, on_loop)
 
     def _reply(self, request_id: Any, out: list[Any], frames: Any, on_loop: bool) -> None:
         """Send a request's RESULT from the loop (now, ``on_loop``) or from a request thread (handed over)."""

@@ -10,9 +10,14 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
+import msgpack
+import numpy as np
 import pytest
+import zmq
 
+from servable_framework.client import Client
 from tests.support.procs import free_port, wait_until
 
 SERVABLES = Path(__file__).resolve().parents[1] / "support" / "servables"
@@ -29,13 +34,13 @@ def server(module_servers, add_dir, tmp_path_factory):
     echo_root = tmp_path_factory.mktemp("echo")
     shutil.copytree(SERVABLES / "failover_echo", echo_root / "failover_echo",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    port = free_port()
+    port, zmq_port = free_port(), free_port()
     proc = module_servers.start(["-m", "tests.support.serve", "local", "--dir", str(add_dir), "--name", "add",
-                                 "--rest", f"127.0.0.1:{port}", "--device-ids", "0",
+                                 "--rest", f"127.0.0.1:{port}", "--zmq", f"127.0.0.1:{zmq_port}", "--device-ids", "0",
                                  "--also-local", str(echo_root), "failover_echo"], "server-fast-http", env=child_env())
     rest = Rest(port)
     rest.wait_ready(proc, 120)
-    yield port, rest
+    yield port, rest, f"127.0.0.1:{zmq_port}"
     rest.close()
 
 
@@ -97,7 +102,7 @@ def direct(rest) -> float:
 def test_answers_match_the_asgi_route(server) -> None:
     """A chunked body is not taken by the fast path (no Content-Length): uvicorn's ASGI route answers it.
     Both answer every body alike: status, body and content type. The counter shows which route answered."""
-    port, rest = server
+    port, rest, _ = server
     bodies = [GOOD, b"{not json", b'{"instances": []}', b'{"instances": [{"x1": [[1.0]], "x2": [[1.0]]}]}',
               b"", json.dumps({"instances": [{"x1": [[1, 2], [3, 4]], "x2": [[1, 2], [3, 4]]}]}).encode()]
     for body in bodies:
@@ -121,7 +126,7 @@ def test_answers_match_the_asgi_route(server) -> None:
 def test_pipelined_requests_are_answered_in_order(server) -> None:
     """Predicts (fast path), a GET (the app) and a chunked predict (the app) sent at once on one connection are
     answered in the order they were sent."""
-    port, _ = server
+    port, _, _ = server
     second = json.dumps({"instances": [{"x1": [[1.0, 1.0], [1.0, 1.0]], "x2": [[1.0, 1.0], [1.0, 1.0]]}]}).encode()
     data = (request(ADD, GOOD) + request("/health", b"", method=b"GET") + request(ADD, second)
             + request(ADD, GOOD, chunked=True) + request(ADD, b"{bad"))
@@ -138,7 +143,7 @@ def test_pipelined_requests_are_answered_in_order(server) -> None:
 @pytest.mark.parametrize("how", ["connection_close", "http_1_0"])
 def test_closing_requests_are_answered_then_closed(server, how) -> None:
     """``Connection: close`` is answered directly, then closed; HTTP/1.0 takes the ASGI route."""
-    port, rest = server
+    port, rest, _ = server
     data = request(ADD, GOOD, extra=b"Connection: close\r\n") if how == "connection_close" \
         else request(ADD, GOOD, version=b"1.0")
     before = direct(rest)
@@ -166,7 +171,7 @@ def inflight(rest) -> float:
 def test_a_client_that_hangs_up_cancels_its_request(server) -> None:
     """The request (held 5 s in its stage) ends as cancelled as soon as its client hangs up, long before its
     stage would have let it finish; the server keeps answering."""
-    port, rest = server
+    port, rest, _ = server
     before = cancelled(rest)
     body = json.dumps({"instances": [{"x": [1.0, 2.0], "sleep_ms": 5000}]}).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -194,7 +199,7 @@ def test_main_busy_polls_only_for_a_quick_method(server) -> None:
     when that Worker answered the method within the budget (1 ms by default) last time: the tensor_add requests
     are polled for, and answers end the spins. ``echo`` held 30 ms in its stage is waited for asleep: only its
     first request, before its time is known, may spin."""
-    port, rest = server
+    port, rest, _ = server
     before = busy_polls(rest)
     # back to back on one connection, as a client under load sends them (after an idle pause, a process's
     # wake-up alone may take a millisecond on a VM: then the Worker's answer comes after the budget)
@@ -216,21 +221,82 @@ def test_main_busy_polls_only_for_a_quick_method(server) -> None:
     assert sum(slow.values()) - sum(quick.values()) <= 1, (quick, slow)
 
 
-def test_http_direct_off_leaves_every_request_to_uvicorn(servers, add_dir) -> None:
-    """``SERVABLE_HTTP_DIRECT=0``: the same answers, and none of them from Main's own protocol. (Busy polling is
-    off too, ``SERVABLE_BUSY_POLL_US=0``: no spin.)"""
+ZMQ_OK = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+ZMQ_CALLS: list[Any] = [  # instances for `Client.infer`: answered, refused whole, failed per instance
+    {"x1": ZMQ_OK, "x2": ZMQ_OK},
+    [{"x1": ZMQ_OK, "x2": ZMQ_OK * 2}, {"x1": ZMQ_OK[:1], "x2": ZMQ_OK[:1]}],
+    [{"x1": ZMQ_OK, "x2": ZMQ_OK}, {"x1": ZMQ_OK}],  # an input missing: the request is refused
+    [{"x1": ZMQ_OK, "x2": ZMQ_OK}, {"x1": ZMQ_OK.astype(np.int32), "x2": ZMQ_OK.astype(np.int32)}],
+    [{"x1": ZMQ_OK.astype(np.int32), "x2": ZMQ_OK.astype(np.int32)}] * 2,  # every instance fails alike
+    [],
+    [{"x1": ZMQ_OK, "x2": ZMQ_OK}] * 1025,  # over max_instances_per_request
+    {"x1": ZMQ_OK, "x2": "text"},
+]
+ZMQ_RAW: list[dict[str, Any]] = [  # request headers a Client would not build: malformed descriptors
+    {"instances": [{"x1": {"t": "nd", "dtype": "float32", "shape": [2, 2], "buf": 5}}]},
+    {"instances": [{"x1": {"t": "nd", "dtype": "float32", "shape": [3, 3], "buf": 0}}]},
+    {"instances": [{"x1": {"t": "nd", "dtype": "complex64", "shape": [2], "buf": 0}}]},
+    {"instances": [{"x1": {"t": "weird"}}]},
+    {"instances": {"x1": 1}},
+    {"instances": ["x1"]},
+]
+
+
+def answers(rest_port: int, zmq_address: str) -> list[Any]:
+    """What a server answers to REST bodies (status and JSON), Client calls and raw ZMQ requests, in order."""
+    out: list[Any] = []
+    bodies = [GOOD, b"{not json", b'{"instances": []}', b'{"instances": [{"x1": [[1.0]]}]}',
+              json.dumps({"instances": [{"x1": [[1, 2], [3, 4]], "x2": [[1, 2], [3, 4]]}]}).encode(),
+              json.dumps({"instances": [{"x1": [[1.0, 2.0]], "x2": [[1.0, 2.0]]}, {"x1": "x", "x2": "y"}]}).encode()]
+    for body in bodies:
+        status, _, data = exchange(rest_port, request(ADD, body), 1)[0][0]
+        out.append((status, json.loads(data)))
+    with Client(zmq_address, "add", "add_common", timeout_s=30) as client:
+        for call in ZMQ_CALLS:
+            reply = client.infer(call)
+            out.append(reply if isinstance(reply, dict) else
+                       [{k: (v.dtype.name, v.tolist()) if isinstance(v, np.ndarray) else v for k, v in inst.items()}
+                        for inst in reply])
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(f"tcp://{zmq_address}")
+    try:
+        for i, fields in enumerate(ZMQ_RAW):
+            header = {"v": 1, "id": 100 + i, "servable": "add", "method": "add_common", **fields}
+            dealer.send_multipart([b"P", msgpack.packb(header, use_bin_type=True), ZMQ_OK.tobytes()])
+            assert dealer.poll(30_000), "no reply"
+            kind, raw, *_ = dealer.recv_multipart()
+            out.append((kind, msgpack.unpackb(raw)))
+    finally:
+        dealer.close(0)
+        ctx.term()
+    return out
+
+
+def test_hot_path_off_gives_the_same_answers(server, servers, add_dir) -> None:
+    """With every hot-path setting off (``SERVABLE_HTTP_DIRECT=0``: uvicorn's stock protocol and the ASGI app;
+    ``SERVABLE_FORWARD_REQUESTS=0``: Main decodes REST bodies and ZMQ instances itself; ``SERVABLE_BUSY_POLL_US=0``)
+    a server gives the same answers as one with them on (the module's server): REST bodies, Client calls and
+    malformed ZMQ requests alike, errors included. And the off server answers none of them from Main's own
+    protocol and never busy-polls."""
     from tests.support.procs import Rest, child_env
 
-    port = free_port()
+    port, _, zmq_address = server
+    off_port, off_zmq = free_port(), free_port()
     proc = servers.start(["-m", "tests.support.serve", "local", "--dir", str(add_dir), "--name", "add",
-                          "--rest", f"127.0.0.1:{port}", "--device-ids", "0"], "server-asgi-only",
-                         env=child_env(SERVABLE_HTTP_DIRECT="0", SERVABLE_BUSY_POLL_US="0"))
-    rest = Rest(port)
+                          "--rest", f"127.0.0.1:{off_port}", "--zmq", f"127.0.0.1:{off_zmq}", "--device-ids", "0"],
+                         "server-hot-path-off", env=child_env(SERVABLE_HTTP_DIRECT="0", SERVABLE_BUSY_POLL_US="0",
+                                                              SERVABLE_FORWARD_REQUESTS="0"))
+    rest = Rest(off_port)
     try:
         rest.wait_ready(proc, 120)
-        out, _ = exchange(port, request(ADD, GOOD) + request(ADD, b"{not json"), 2)
-        assert out[0][0] == 200 and json.loads(out[0][2]) == EXPECTED
-        assert out[1][0] == 400 and "Illegal JSON format" in json.loads(out[1][2])["error_msg"]
+        on = answers(port, zmq_address)
+        off = answers(off_port, f"127.0.0.1:{off_zmq}")
+        print("ON", *[repr(x)[:150] for x in on], sep="\n")
+        assert on[0] == (200, EXPECTED)
+        assert len(on) == len(off)
+        for i, (a, b) in enumerate(zip(on, off)):
+            assert a == b, (i, a, b)
         assert direct(rest) == 0
         assert busy_polls(rest) == {"event": 0.0, "budget": 0.0}
     finally:
