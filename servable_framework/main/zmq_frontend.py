@@ -15,6 +15,12 @@ Streaming (``"stream": true`` in the request, a method declared ``stream=True``)
 "error_msg": []}`` when every instance has had its last piece, or ``{"id", "error_msg": [entry]}`` when the
 whole request failed. ``[client-id, CANCEL, {"id"}]`` from the client stops its stream (no reply).
 
+Forwarding: a PREDICT that is not streaming and carries no shared-memory tensor goes to its endpoint's Worker
+undecoded when that endpoint has one READY Worker (`Dispatcher.predict_zmq`): the Worker decodes, checks and runs
+it and renders the RESULT (`wire.encode_reply`), Main puts the request id back on and relays it; the same answers
+and metrics as decoding it here (setting ``forward_requests`` off does that for every request). The local Client's
+c=1 round trip, interleaved A/B: 0.71-0.77 -> 0.65-0.69 ms.
+
 Local Clients: ``[client-id, LOCAL, {"id"}]`` is answered with ``{"id", "path"}``, the unix socket of the same
 front end for Clients on this host (`ZmqFrontend.start_local`, `servable_framework.unixlink` framing; None when
 there is none). Over it the same messages get the same answers, without libzmq's I/O threads in between (c=1

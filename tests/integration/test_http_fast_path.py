@@ -292,7 +292,6 @@ def test_hot_path_off_gives_the_same_answers(server, servers, add_dir) -> None:
         rest.wait_ready(proc, 120)
         on = answers(port, zmq_address)
         off = answers(off_port, f"127.0.0.1:{off_zmq}")
-        print("ON", *[repr(x)[:150] for x in on], sep="\n")
         assert on[0] == (200, EXPECTED)
         assert len(on) == len(off)
         for i, (a, b) in enumerate(zip(on, off)):
