@@ -2,14 +2,15 @@
 
 At concurrency 1 a MindSpore predict crosses four process wake-ups (client -> Main -> Worker -> Main -> client),
 where an app that runs its model in-process has two. On a VM a wake-up of a process that sleeps on an idle vCPU
-is slow and noisy (the hypervisor has to bring the vCPU back): measured on the 2-core CI machine kind, Main's
-wait for the Worker's reply was ~150-400 us of the 0.75-1.4 ms request, and it grew with the host's noise. When
-Main polls instead of sleeping while its only request is in the Worker, the reply finds it awake: c=1 p50
-0.75-0.96 -> 0.59-0.61 ms over HTTP, 1.0-1.9 -> 0.75 ms over the local ZMQ Client (interleaved A/B, README).
+is slow and noisy (the hypervisor has to bring the vCPU back), and the waker pays part of it. When Main polls
+instead of sleeping while its only request is in the Worker, the reply finds it awake: on the 2-core CI machine
+kind, c=1 p50 0.75-0.96 -> 0.59-0.64 ms over HTTP (`wrk`), 1.0-1.9 -> 0.66-0.75 ms over the local ZMQ Client
+(interleaved A/B, README "Hot path").
 
 `BusyPoll` polls the loop's own ``epoll`` descriptor, which is readable when any descriptor the loop watches is:
 the spin ends at the first event of any kind (the Worker's reply, a new client request, a heartbeat), and the
-loop then handles it without sleeping. Timers wait at most ``budget_s`` longer. The caller decides when it pays
+loop then handles it without sleeping. Timers wait at most ``budget_s`` longer. The spin yields its CPU at every
+turn (``sched_yield``): a process the scheduler woke onto the same CPU runs first. The caller decides when it pays
 (`servable_framework.main.dispatcher`: only while a single request is in flight, and only towards a Worker whose
 last answer came within the budget), since a spinning thread takes a CPU the other processes may need.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import select
 import time
 
@@ -54,9 +56,13 @@ class BusyPoll:
         poll = self._poll
         if poll is None:
             return False
-        clock = time.perf_counter
+        clock, yield_cpu = time.perf_counter, os.sched_yield
         end = clock() + self.budget_s
         while not poll.poll(0):
             if clock() > end:
                 return False
+            # a process woken onto this CPU (the Worker, when the scheduler placed it here) runs first: without
+            # this it waited behind the spin, +0.6-1.7 ms at c=1 from a slow client (httpx) whose pauses let the
+            # other vCPU go idle
+            yield_cpu()
         return True
