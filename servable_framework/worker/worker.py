@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,6 +34,7 @@ from servable_framework.servable.declare import GraphRunner
 from servable_framework.servable.loader import LoadedServable, load_servable, resolve_version
 from servable_framework.wire import (
     Frame,
+    Instance,
     Kind,
     Value,
     decode_instances,
@@ -252,46 +254,49 @@ class Worker:
                       on_loop: bool = False) -> None:
         """PREDICT ``{"id", "method", "rest": true, "max_instances"}`` whose one buffer is a MindSpore REST body
         that Main forwarded unparsed (`servable_framework.main.dispatcher.Dispatcher.predict_rest`): parse it,
-        check it as Main's admission would (count, limit, required inputs, with its texts), run it and render
-        the whole HTTP answer here (`rest_codec.render_results`). Replies ``{"id", "at", "status", "count",
-        "tokens"}`` with the JSON body as its one buffer; ``at`` is how far the request got, which Main's
-        counting follows: ``"parse"`` (the body was refused), ``"admit"`` (its instances were), ``"run"`` (it
-        failed whole), ``"done"`` (answered; single instances may have failed). ``count``/``tokens``: its
-        instances and their (prompt, generated) tokens, when done."""
-        at, count, tokens = "parse", 0, (0, 0)
-        try:
-            instances = parse_body(bytes(buffers[0]) if buffers else b"")
-            at = "admit"
-            assert self.runner is not None
-            method = self.runner.method(str(header.get("method")))
-            limit = header.get("max_instances")
-            self.runner.admit(method, instances, limit if isinstance(limit, int) else None)
-            at = "run"
-            results = self.runner.run_admitted(method, instances, token)
+        run it and render the whole HTTP answer here (`rest_codec.render_results`), as `_predict_forwarded`
+        says. The reply's own fields: ``"status"``, with the JSON body as its one buffer."""
+        def render(results: list[Any]) -> tuple[dict[str, Any], list[Any]]:
             status, body = render_results(results)
-            at, count, tokens = "done", len(instances), token_counts(results)
-        except ServingError as exc:
-            status, body = exc.http_status, render_json(encode_error(exc))
-        except Exception as exc:  # a bug in the framework: report it, keep serving
-            log.exception("request %s failed", request_id)
-            error = ServingError(f"System error: {exc}")
-            at, status, body = "run", error.http_status, render_json(encode_error(error))
-        reply = {"id": request_id, "at": at, "status": status, "count": count, "tokens": list(tokens),
-                 "batches": self._batch_stats()}
-        self._reply(request_id, pack(Kind.RESULT, reply, [body]), frames, on_loop)
+            return {"status": status}, [body]
+
+        def render_error(exc: ServingError) -> tuple[dict[str, Any], list[Any]]:
+            return {"status": exc.http_status}, [render_json(encode_error(exc))]
+
+        self._predict_forwarded(request_id, header, lambda: parse_body(bytes(buffers[0]) if buffers else b""),
+                                render, render_error, frames, token, on_loop)
 
     def _predict_zmq(self, request_id: Any, header: dict[str, Any], buffers: Any, frames: Any, token: CancelToken,
                      on_loop: bool = False) -> None:
         """PREDICT ``{"id", "method", "zmq": true, "instances", "max_instances"}``: a ZMQ Client's instances that
         Main forwarded undecoded (`servable_framework.main.dispatcher.Dispatcher.predict_zmq`; never with
-        shared-memory tensors): decode them, check them as Main's admission would, run them and render the
-        Client's RESULT here (`wire.encode_reply`). Replies ``{"id", "at", "count", "tokens", "answer"}`` with
-        the outputs' buffers; ``answer`` is that RESULT's header but for its id, the rest as `_predict_rest`
-        (``at`` ``"parse"``: the instances' descriptors were refused)."""
+        shared-memory tensors): decode them, run them and render the Client's RESULT here (`wire.encode_reply`),
+        as `_predict_forwarded` says. The reply's own field: ``"answer"``, that RESULT's header but for its id,
+        with the outputs' buffers."""
+        def render(results: list[Any]) -> tuple[dict[str, Any], list[Any]]:
+            answer, out = encode_reply(results)
+            return {"answer": answer}, out
+
+        def render_error(exc: ServingError) -> tuple[dict[str, Any], list[Any]]:
+            return {"answer": {"error_msg": [error_entry(exc)]}}, []
+
+        self._predict_forwarded(request_id, header, lambda: decode_instances(header.get("instances"), buffers),
+                                render, render_error, frames, token, on_loop)
+
+    def _predict_forwarded(self, request_id: Any, header: dict[str, Any], decode: Callable[[], list[Instance]],
+                           render: Callable[[list[Any]], tuple[dict[str, Any], list[Any]]],
+                           render_error: Callable[[ServingError], tuple[dict[str, Any], list[Any]]], frames: Any,
+                           token: CancelToken, on_loop: bool) -> None:
+        """A request Main forwarded as it came: ``decode`` its instances, check them as Main's admission would
+        (count, the ``max_instances`` limit, required inputs, with its texts), run them and ``render`` the
+        answer (``render_error`` for an error of the whole request). Replies ``{"id", "at", "count", "tokens",
+        ...}`` with the rendered fields and buffers; ``at`` is how far the request got, which Main's counting
+        follows: ``"parse"`` (the instances were refused as sent), ``"admit"`` (refused by the checks),
+        ``"run"`` (it failed whole), ``"done"`` (answered; single instances may have failed).
+        ``count``/``tokens``: its instances and their (prompt, generated) tokens, when done."""
         at, count, tokens = "parse", 0, (0, 0)
-        out: list[Any] = []
         try:
-            instances = decode_instances(header.get("instances"), buffers)
+            instances = decode()
             at = "admit"
             assert self.runner is not None
             method = self.runner.method(str(header.get("method")))
@@ -299,14 +304,15 @@ class Worker:
             self.runner.admit(method, instances, limit if isinstance(limit, int) else None)
             at = "run"
             results = self.runner.run_admitted(method, instances, token)
-            answer, out = encode_reply(results)
+            fields, out = render(results)
             at, count, tokens = "done", len(instances), token_counts(results)
         except ServingError as exc:
-            answer, out = {"error_msg": [error_entry(exc)]}, []
+            fields, out = render_error(exc)
         except Exception as exc:  # a bug in the framework: report it, keep serving
             log.exception("request %s failed", request_id)
-            at, answer, out = "run", {"error_msg": [error_entry(ServingError(f"System error: {exc}"))]}, []
-        reply = {"id": request_id, "at": at, "count": count, "tokens": list(tokens), "answer": answer,
+            at = "run"
+            fields, out = render_error(ServingError(f"System error: {exc}"))
+        reply = {"id": request_id, "at": at, "count": count, "tokens": list(tokens), **fields,
                  "batches": self._batch_stats()}
         self._reply(request_id, pack(Kind.RESULT, reply, out), frames, on_loop)
 
