@@ -3,7 +3,12 @@
 Both front ends (REST and ZMQ) call `Dispatcher.predict` (or `Dispatcher.predict_stream`); admission control
 (queue limit, instance limit), version selection, timeouts and the "not available" errors of contract §8.6
 live here only. So do the per-request metrics (`servable_framework.main.metrics`): each caller passes its
-``protocol`` label (``"rest"``, ``"zmq"``, ``"openai"``, ``"kserve"``).
+``protocol`` label (``"rest"``, ``"zmq"``, ``"openai"``, ``"kserve"``). MindSpore's predicts for an endpoint with
+one READY Worker first try `Dispatcher.predict_rest` / `Dispatcher.predict_zmq`, which send the request to that
+Worker as it came (`Dispatcher._forward`: the same checks, texts and metrics, done by the Worker).
+
+Busy polling (`Dispatcher._spin`, `servable_framework.busy_poll`): while a single request is in flight, Main polls
+for its Worker's answer instead of sleeping, when that Worker answered the method within the budget last time.
 
 Spreading (`Dispatcher._plan`): a request of several instances is cut into contiguous chunks, one per READY
 Worker of its endpoint (device Workers and extra workers alike), in whole model batches (the Workers' batch

@@ -57,6 +57,8 @@ log = logging.getLogger("servable_framework.zmq")
 
 HARD_MAX_BYTES = 513 * 1024 * 1024
 Reply = Callable[[Kind, dict[str, Any], list[Any]], None]  # sends one answer to the client a message came from
+
+
 class ZmqFrontend:
     def __init__(self, ctx: zmq.asyncio.Context, address: str, dispatcher: Dispatcher, max_msg_bytes: int,
                  keys: curve.CurveKeys | None = None) -> None:
@@ -225,5 +227,6 @@ class ZmqFrontend:
 
 
 def encode_results(request_id: Any, results: list[Result]) -> tuple[dict[str, Any], list[Any]]:
+    """The RESULT of request ``request_id`` (`wire.encode_reply`)."""
     header, buffers = encode_reply(results)
     return {"id": request_id, **header}, buffers
